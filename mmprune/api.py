@@ -1,0 +1,117 @@
+"""``wrap`` / ``unwrap`` / ``disabled`` / ``trace``: the one-call API.
+
+Example:
+    >>> import mmprune
+    >>> # model = AutoModelForImageTextToText.from_pretrained(...)
+    >>> # mmprune.wrap(model, "fastv", budget=0.25, layer=2); model.generate(...); mmprune.trace(model)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from .config import PruneConfig
+
+
+def _stages(model_adapter, policy, budget, layer, options):
+    from .engine import Stage
+    from .policies import get_policy
+
+    if isinstance(policy, PruneConfig):
+        if budget is not None or layer is not None or options:
+            raise ValueError("pass budget/layer/options inside the PruneConfig, not beside it")
+        configs = [policy]
+    elif isinstance(policy, (list, tuple)):
+        if not policy or not all(isinstance(c, PruneConfig) for c in policy):
+            raise ValueError("policy must be a name, a PruneConfig, or a non-empty list of PruneConfig")
+        if budget is not None or layer is not None or options:
+            raise ValueError("pass budget/layer/options inside each PruneConfig, not beside the list")
+        configs = list(policy)
+    elif isinstance(policy, str):
+        configs = [PruneConfig(policy, 1.0 if budget is None else budget, layer, dict(options))]
+    else:
+        raise ValueError(f"policy must be a name, a PruneConfig, or a list of PruneConfig; got {type(policy).__name__}")
+    n_layers = model_adapter.num_layers()
+    stages = []
+    for c in configs:
+        cls = get_policy(c.policy)
+        pol = cls(**c.options)
+        layer_ = c.layer if c.layer is not None else cls.default_layer
+        if layer_ is None and "pre" not in cls.stages:
+            raise ValueError(f"policy {c.policy!r} acts inside the LLM; give layer= in [1, {n_layers})")
+        if layer_ is not None:
+            if "llm" not in cls.stages:
+                raise ValueError(f"policy {c.policy!r} acts before the LLM only; use layer=None")
+            lo = 1 if "attn" in cls.signals else 0  # attention signals are read at layer K-1
+            if not lo <= layer_ < n_layers:
+                raise ValueError(f"layer {layer_} for policy {c.policy!r} is outside [{lo}, {n_layers}) for this model")
+        stages.append(Stage(config=c, policy=pol, layer=layer_))
+    # pre-LLM stages first (in the given order), then by increasing layer
+    pre = [s for s in stages if s.layer is None]
+    llm = sorted([s for s in stages if s.layer is not None], key=lambda s: s.layer)
+    return pre + llm
+
+
+def wrap(model, policy, *, budget=None, layer=None, **options):
+    """Install token reduction on ``model`` in place and return it.
+
+    ``policy`` is a registered name (see ``mmprune.policies()``), a ``PruneConfig``, or a list of them
+    (stages: pre-LLM first, then by increasing layer). ``budget``: float in (0, 1] = fraction of the visual
+    tokens entering the stage, int >= 1 = tokens kept per image. ``layer``: None = the policy's default
+    stage, int = the decoder layer where tokens are dropped. Wrapping a wrapped model replaces the wrap.
+
+    Example:
+        >>> import mmprune
+        >>> # mmprune.wrap(model, "uniform", budget=0.5)
+        >>> # mmprune.wrap(model, [mmprune.PruneConfig("uniform", 0.5), mmprune.PruneConfig("fastv", 0.5, layer=2)])
+    """
+    from .adapters import adapter_for
+    from .engine import Engine
+
+    adapter = adapter_for(model)
+    stages = _stages(adapter, policy, budget, layer, options)
+    unwrap(model)
+    engine = Engine(model, adapter, stages)
+    engine.install()
+    model.__dict__["_mmprune"] = engine
+    return model
+
+
+def _engine(model):
+    engine = getattr(model, "__dict__", {}).get("_mmprune")
+    if engine is None:
+        raise ValueError(f"{type(model).__name__} is not wrapped by mmprune; call mmprune.wrap(model, ...) first")
+    return engine
+
+
+def unwrap(model):
+    """Remove everything ``wrap`` installed (hooks, instance attributes); a no-op on an unwrapped model."""
+    engine = getattr(model, "__dict__", {}).pop("_mmprune", None)
+    if engine is not None:
+        engine.remove()
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """Context manager: run the wrapped model unpruned inside the block.
+
+    Example:
+        >>> # with mmprune.disabled(model): reference = model(**inputs)
+    """
+    engine = _engine(model)
+    before = engine.enabled
+    engine.enabled = False
+    try:
+        yield model
+    finally:
+        engine.enabled = before
+
+
+def trace(model):
+    """The ``Trace`` of the last prefill forward of a wrapped model (None before the first forward)."""
+    return _engine(model).last_trace
+
+
+def is_wrapped(model) -> bool:
+    return "_mmprune" in getattr(model, "__dict__", {})

@@ -1,0 +1,84 @@
+"""The ``mmprune`` console script. Argument parsing imports nothing heavy, so ``--help`` is instant.
+
+Example:
+    $ mmprune policies
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _policies_table() -> str:
+    from .policies import get_policy, policies
+
+    rows = [("name", "stages", "signal", "count", "paper")]
+    for name in policies():
+        cls = get_policy(name)
+        stage = ",".join({"pre": "pre-LLM", "llm": "in-LLM"}[s] for s in cls.stages)
+        if cls.default_layer is not None:
+            stage += f" (default layer {cls.default_layer})"
+        rows.append((name, stage, ",".join(cls.signals) or "-", "adaptive" if cls.adaptive else "fixed",
+                     cls.paper or cls.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _tasks_table() -> str:
+    try:
+        from .eval.tasks import list_tasks
+    except ImportError:
+        return "no tasks registered yet"
+    rows = [("name", "modality", "metric", "data layout")] + [tuple(str(c) for c in r) for r in list_tasks()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths)), r[3]]) for r in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmprune",
+        description="Token-efficiency plugin for vision-language models: wrap any supported Hugging Face VLM "
+        "with a merging / pruning / pre-fusion policy and measure what it costs and gains.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("policies", help="list the registered policies (name, stages, signal, count, paper)")
+    sub.add_parser("tasks", help="list the evaluation tasks (name, modality, metric, data layout)")
+    demo = sub.add_parser("demo", help="wrap a tiny random model of each family and print what the policy kept")
+    demo.add_argument("--policy", default="fastv")
+    demo.add_argument("--budget", default="0.25")
+    demo.add_argument("--layer", type=int, default=None)
+    return p
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "policies":
+            print(_policies_table())
+        elif args.command == "tasks":
+            print(_tasks_table())
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.policy, _number(args.budget), args.layer)
+        else:
+            parser.print_help()
+        return 0
+    except ValueError as e:  # bad input: one line, no traceback
+        print(f"mmprune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

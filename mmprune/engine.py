@@ -1,0 +1,572 @@
+"""The stage machinery shared by every model family: hooks, per-forward state, index bookkeeping.
+
+How a wrapped forward runs (see shared/DESIGN.md, "The three seams"):
+
+1. A pre-hook on the top-level model records the call: where the visual placeholder tokens are, and how
+   many tokens each image / video produced (read from ``mm_encoder_outputs`` or recorded by the
+   instance-level wrap of ``get_image_features``).
+2. A pre-hook on the language model sees the merged ``inputs_embeds``. On a prefill it runs the pre-LLM
+   stages and *removes* the dropped rows: embeddings, the 2-D mask, position ids (all rows of Qwen's
+   M-RoPE ids, **gathered from the original positions**), Qwen3's deepstack inputs. Ragged samples are
+   re-padded on the left. A 2-D mask is always passed afterwards (gaps in position ids with no mask are
+   read as packed sequences by transformers). During decode it swaps the pruned prompt's columns into
+   the full-length mask that ``generate`` grows.
+3. Pre-hooks on decoder layers ``>= K`` run the in-LLM stages: rows of hidden states, (cos, sin),
+   position ids and a mask rebuilt for the shorter rows with transformers' own ``create_causal_mask``
+   (``layer_idx`` makes it read that layer's cache length, since DynamicCache layers < K stay longer).
+4. A post-hook on the language model scatters the survivors back to full length, dropped rows carrying
+   the state they had when dropped (through the final norm), so ``logits`` keep the input's length and
+   ``labels`` work unchanged.
+
+Per-sequence state that must outlive one forward (the kept prompt columns) travels on the cache object
+that ``generate`` threads through decoding, never in a module-global: two wrapped models, or two
+generations, never see each other's state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .attention import attention_probs
+from .kernels import gather_tokens, scatter_tokens
+from .policies.base import Plan, Tokens, resolve_budget
+from .traces import StageTrace, Trace
+
+_IDS = itertools.count()
+
+
+@dataclass
+class Stage:
+    config: Any  # PruneConfig
+    policy: Any  # Policy instance
+    layer: int | None  # None = pre-LLM
+
+
+@dataclass
+class CallCtx:
+    """One top-level forward: where the visual tokens are and how they split into images / videos."""
+
+    input_ids: torch.Tensor | None = None
+    visual: torch.Tensor | None = None  # [B, L] bool
+    items: dict = field(default_factory=dict)  # modality -> list of (n_tokens, grid)
+    decode: bool = False
+    keep_full: bool = True  # False when only the last logits are used (generate): skip the scatter-back
+
+
+@dataclass
+class SeqState:
+    """What decoding needs to know about a pruned prompt; stored on the cache object."""
+
+    owner: int
+    full_len: int  # L0: prompt length before pruning
+    index0: torch.Tensor  # [B, P] original column of each pre-LLM row (-1 = pad)
+    stage_masks: dict = field(default_factory=dict)  # layer -> [B, P_K] 2-D mask of the prompt at layer K
+
+
+@dataclass
+class Run:
+    """Working state of one prefill forward through the language model."""
+
+    ctx: CallCtx
+    cache: Any
+    lm_kwargs: dict
+    orig: torch.Tensor  # [B, P] current rows -> original column (-1 pad)
+    rel: torch.Tensor  # [B, P] current rows -> row of the LM input (-1 pad)
+    mask2d: torch.Tensor  # [B, P] long
+    vis_rows: list  # per sample: LongTensor of current rows that are visual, in order
+    vis_ids: list  # per sample: LongTensor of original visual-token ids of those rows
+    seg_ids: list  # per sample: LongTensor segment index of each of those rows
+    grids: list  # per sample: list of grids per segment
+    fill: torch.Tensor | None = None  # [B, L0, D] state of dropped rows, when they were dropped
+    pos_emb: Any = None
+    pos_ids: Any = None
+    masks: dict = field(default_factory=dict)  # layer type -> mask for the current rows
+    pruned_in_llm: bool = False
+    signals: dict = field(default_factory=dict)  # layer -> [B, P] attention scores
+    trace: Trace = field(default_factory=Trace)
+
+
+def _left_pad_index(rows: list[torch.Tensor], device) -> torch.Tensor:
+    """Stack per-sample row lists into ``[B, P]``, left-padded with -1."""
+    p = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), p), -1, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        if len(r):
+            out[b, p - len(r) :] = r.to(device)
+    return out
+
+
+def _gather_rows(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gather ``index [B, K]`` along ``dim`` of a tensor whose batch dim is ``dim - 1`` (pads -> 0)."""
+    if dim == 1 and t.dim() == 3:
+        return gather_tokens(t, index)
+    if t.shape[dim - 1] == 1 and index.shape[0] > 1:  # positions shared across the batch
+        t = t.expand(*t.shape[: dim - 1], index.shape[0], *t.shape[dim:])
+    safe = index.clamp(min=0)
+    shape = list(t.shape)
+    view = [1] * t.dim()
+    view[dim - 1], view[dim] = index.shape[0], index.shape[1]
+    expand = list(shape)
+    expand[dim] = index.shape[1]
+    out = torch.gather(t, dim, safe.view(view).expand(expand))
+    return out.masked_fill((index < 0).view(view).expand(expand), 0)
+
+
+class Engine:
+    """Installs and runs the stages of one wrap on one model instance."""
+
+    def __init__(self, model, adapter, stages: list[Stage]):
+        self.id = next(_IDS)
+        self.model = model
+        self.adapter = adapter
+        self.stages = stages
+        self.pre_stages = [s for s in stages if s.layer is None]
+        self.llm_stages = sorted([s for s in stages if s.layer is not None], key=lambda s: s.layer)
+        self.enabled = True
+        self.call: CallCtx | None = None
+        self.run: Run | None = None
+        self.decode_state: SeqState | None = None
+        self.decode_masks: dict = {}
+        self.decode_lm_mask: torch.Tensor | None = None
+        self.last_trace: Trace | None = None
+        self.handles: list = []
+        self.patched: list = []  # (obj, attr_name, had_instance_attr, old_value)
+        self.lm = adapter.language_model()
+        self.layers = adapter.layers()
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        m = self.model
+        self.handles.append(m.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self.handles.append(m.register_forward_hook(self._top_post, always_call=True))
+        self.handles.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self.handles.append(self.lm.register_forward_hook(self._lm_post, with_kwargs=True))
+        if self.llm_stages:
+            first = self.llm_stages[0].layer
+            for i in range(first, len(self.layers)):
+                self.handles.append(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            for s in self.llm_stages:
+                if "attn" in s.policy.signals:
+                    attn = self.adapter.attention_module(s.layer - 1)
+                    self.handles.append(attn.register_forward_pre_hook(self._score_hook(s.layer), with_kwargs=True))
+        for modality, owner, name in self.adapter.encoder_methods():
+            self._patch(owner, name, self._wrap_encoder(modality, getattr(owner, name)))
+        self._patch(m, "prepare_inputs_for_generation", self._wrap_prepare(m.prepare_inputs_for_generation))
+        self.adapter.install_extras(self)
+
+    def _patch(self, obj, name, value) -> None:
+        had = name in obj.__dict__
+        self.patched.append((obj, name, had, obj.__dict__.get(name)))
+        setattr(obj, name, value)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for obj, name, had, old in reversed(self.patched):
+            if had:
+                obj.__dict__[name] = old
+            else:
+                obj.__dict__.pop(name, None)
+        self.handles.clear()
+        self.patched.clear()
+
+    # ------------------------------------------------------------------ instance-level wraps
+    def _wrap_encoder(self, modality: str, fn):
+        import functools
+
+        @functools.wraps(fn)  # keeps the signature: generate() inspects it to pick encoder kwargs
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            try:
+                out._mmprune_items = self.adapter.encoder_items(modality, out, args, kwargs)
+            except Exception:  # never break the model for bookkeeping; fall back to contiguous runs
+                out._mmprune_items = None
+            if self.call is not None and not self.call.decode and out._mmprune_items is not None:
+                self.call.items[modality] = out._mmprune_items
+            return out
+
+        return wrapped
+
+    def _wrap_prepare(self, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            mask = kwargs.get("attention_mask")
+            out = fn(*args, **kwargs)
+            # generate() pre-builds 4-D masks for static caches from the *full-length* 2-D mask; after
+            # pruning the cache is shorter, so hand the 2-D mask on and let the LM build the mask itself.
+            if self.enabled and "attention_mask" in out and (mask is None or mask.dim() == 2):
+                out["attention_mask"] = mask
+            return out
+
+        return wrapped
+
+    # ------------------------------------------------------------------ top-level hooks
+    def _top_pre(self, module, args, kwargs):
+        self.call, self.run, self.decode_state, self.decode_masks, self.decode_lm_mask = None, None, None, {}, None
+        if not self.enabled:
+            return None
+        cache = kwargs.get("past_key_values")
+        state = getattr(cache, "_mmprune", None) if cache is not None else None
+        if state is not None and state.owner == self.id and cache.get_seq_length() > 0:
+            self.call = CallCtx(decode=True)
+            self.decode_state = state
+            if kwargs.get("attention_mask") is None:
+                # Without a mask the model would derive positions from the (shorter) cache length.
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                ref = ids if ids is not None else kwargs["inputs_embeds"]
+                b, q = ref.shape[0], ref.shape[1]
+                done = cache.get_seq_length() - state.index0.shape[1]
+                kwargs["attention_mask"] = torch.ones(b, state.full_len + done + q, dtype=torch.long, device=ref.device)
+                return args, kwargs
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ctx = CallCtx(input_ids=ids)
+        if ids is not None:
+            ctx.visual = self.adapter.visual_mask(ids)
+        for modality, out in (kwargs.get("mm_encoder_outputs") or {}).items():
+            items = getattr(out, "_mmprune_items", None)
+            if items is None and out is not None:
+                try:
+                    items = self.adapter.encoder_items(modality, out, (), {})
+                except Exception:
+                    items = None
+            if items is not None:
+                ctx.items[modality] = items
+        ltk = kwargs.get("logits_to_keep", 0)
+        ctx.keep_full = not (isinstance(ltk, int) and ltk == 1)
+        self.call = ctx
+        return None
+
+    def _top_post(self, module, args, output):
+        self.call, self.run, self.decode_state, self.decode_masks, self.decode_lm_mask = None, None, None, {}, None
+        return None
+
+    # ------------------------------------------------------------------ segments
+    def _segments(self, ctx: CallCtx, b_count: int):
+        """Per sample: list of (start, n_tokens, grid) over its visual tokens, in sequence order.
+
+        Items (images / videos, with counts from the encoder output) are matched to the placeholder
+        tokens of their modality in order; an item may span several runs (Qwen3-VL separates a video's
+        frames by timestamp text). Tokens no item accounts for become one segment per contiguous run.
+        """
+        ids, visual = ctx.input_ids, ctx.visual
+        queues = {m: list(v) for m, v in ctx.items.items()}
+        token_modality = self.adapter.token_modalities()
+        out = []
+        for b in range(b_count):
+            pos = visual[b].nonzero().flatten()
+            mods = [token_modality.get(t) for t in ids[b, pos].tolist()]
+            segs, j = [], 0
+            while j < len(pos):
+                q = queues.get(mods[j])
+                same = [k for k in range(j, len(pos)) if mods[k] == mods[j]]
+                n_left = len(same)
+                if q and q[0][0] <= n_left:
+                    cnt, grid = q.pop(0)
+                    members = same[:cnt]
+                    if members[-1] - j + 1 == cnt:  # contiguous in visual order
+                        segs.append((j, cnt, grid))
+                        j += cnt
+                        continue
+                    q.insert(0, (cnt, grid))
+                # unknown split: this contiguous run is one segment
+                k = j + 1
+                while k < len(pos) and pos[k] == pos[k - 1] + 1 and mods[k] == mods[j]:
+                    k += 1
+                segs.append((j, k - j, None))
+                j = k
+            out.append(segs)
+        return out
+
+    @staticmethod
+    def _seg_ids(segs, n, dev) -> torch.Tensor:
+        """Segment index of each of a sample's n visual tokens."""
+        out = torch.zeros(n, dtype=torch.long, device=dev)
+        for i, (start, cnt, _) in enumerate(segs):
+            out[start : start + cnt] = i
+        return out
+
+    # ------------------------------------------------------------------ language-model hooks
+    def _lm_pre(self, module, args, kwargs):
+        ctx = self.call
+        if not self.enabled or ctx is None:
+            return None
+        if ctx.decode:
+            return self._lm_decode(args, kwargs)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            return None  # continuing from a cache we did not prune: leave untouched
+        x = kwargs.get("inputs_embeds")
+        if x is None or ctx.visual is None or ctx.visual.shape != x.shape[:2]:
+            return None
+        b, l0, _ = x.shape
+        dev = x.device
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
+            raise ValueError("mmprune needs a 2-D attention_mask (or None) at the language model; got a prebuilt mask")
+        mask2d = torch.ones(b, l0, dtype=torch.long, device=dev) if mask is None else mask.long()
+        segs = self._segments(ctx, b)
+        vis_pos = [ctx.visual[i].nonzero().flatten() for i in range(b)]
+        arange = torch.arange(l0, device=dev).expand(b, l0)
+        run = Run(
+            ctx=ctx,
+            cache=cache,
+            lm_kwargs=kwargs,
+            orig=arange,
+            rel=arange,
+            mask2d=mask2d,
+            vis_rows=vis_pos,
+            vis_ids=[torch.arange(len(v), device=dev) for v in vis_pos],
+            seg_ids=[self._seg_ids(s, len(v), dev) for s, v in zip(segs, vis_pos)],
+            grids=[[g for _, _, g in s] for s in segs],
+            trace=Trace(n_visual=[len(v) for v in vis_pos]),
+        )
+        self.run = run
+        self.last_trace = run.trace
+        run.fill = x if ctx.keep_full else None
+        if not any(len(v) for v in vis_pos):
+            return None
+        if cache is not None:
+            cache._mmprune = SeqState(owner=self.id, full_len=l0, index0=arange.clone())
+        if not self.pre_stages:
+            return None
+        feats = x
+        for stage in self.pre_stages:
+            feats, _ = self._apply_stage(stage, run, feats)
+        kwargs["inputs_embeds"] = feats
+        kwargs["attention_mask"] = run.mask2d
+        pos = kwargs.get("position_ids")
+        if pos is None:  # what the text model would use by default
+            pos = arange
+        kwargs["position_ids"] = _gather_rows(pos, run.orig, pos.dim() - 1)
+        self.adapter.prune_lm_kwargs(kwargs, run)
+        run.rel = torch.where(run.orig >= 0, torch.arange(run.orig.shape[1], device=dev).expand_as(run.orig), -1)
+        if cache is not None:
+            cache._mmprune.index0 = run.orig.clone()
+        return args, kwargs
+
+    def _lm_decode(self, args, kwargs):
+        state, cache = self.decode_state, kwargs.get("past_key_values")
+        mask = kwargs.get("attention_mask")
+        ref = kwargs.get("inputs_embeds")
+        q = ref.shape[1]
+        p = state.index0.shape[1]
+        cached = cache.get_seq_length()
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if mask.shape[1] == state.full_len + (cached - p) + q:
+                if kwargs.get("position_ids") is None:
+                    kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
+                prompt = _gather_rows(mask[:, : state.full_len], state.index0, 1)
+                mask = torch.cat([prompt, mask[:, state.full_len :]], dim=1)
+                kwargs["attention_mask"] = mask
+            elif mask.shape[1] != cached + q:
+                raise ValueError(
+                    f"attention_mask has {mask.shape[1]} columns; with a pruned prompt of {state.full_len} tokens "
+                    f"expected {state.full_len + cached - p + q} (full length) or {cached + q} (pruned length)"
+                )
+        self.decode_lm_mask = mask
+        return args, kwargs
+
+    def _lm_post(self, module, args, kwargs, output):
+        run = self.run
+        if run is None or not self.enabled:
+            return None
+        self._record_layer_tokens(run)
+        l0 = run.ctx.visual.shape[1]
+        untouched = run.orig.shape[1] == l0 and bool((run.orig == torch.arange(l0, device=run.orig.device)).all())
+        if run.fill is None or untouched:
+            return None
+        h = output.last_hidden_state
+        full = self.adapter.final_norm()(run.fill.to(h.dtype))
+        output.last_hidden_state = scatter_tokens(full, run.orig, h)
+        return output
+
+    def _record_layer_tokens(self, run: Run) -> None:
+        counts = run.trace.layer_tokens
+        n_layers = len(self.layers)
+        if len(counts) < n_layers:  # layers after the last stage keep the last count
+            last = counts[-1] if counts else [int(v) for v in run.mask2d.sum(-1).tolist()]
+            counts.extend([last] * (n_layers - len(counts)))
+
+    # ------------------------------------------------------------------ decoder-layer hooks
+    def _layer_hook(self, i: int):
+        stages = [s for s in self.llm_stages if s.layer == i]
+
+        def hook(module, args, kwargs):
+            if not self.enabled or self.call is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self.run is not None:
+                return self._layer_prefill(i, stages, module, args, kwargs, hidden)
+            if self.decode_state is not None:
+                return self._layer_decode(i, args, kwargs, hidden)
+            return None
+
+        return hook
+
+    def _layer_prefill(self, i, stages, module, args, kwargs, hidden):
+        run = self.run
+        if not any(len(v) for v in run.vis_rows) and not run.pruned_in_llm:
+            return None
+        if stages and not run.pruned_in_llm:
+            pe = kwargs.get("position_embeddings")
+            run.pos_emb = tuple(t.expand(hidden.shape[0], *t.shape[1:]) for t in pe) if pe is not None else None
+            run.pos_ids = kwargs.get("position_ids")
+            # layers before K ran on the LM-input rows: record their token counts for FLOPs accounting
+            run.trace.layer_tokens = [[int(v) for v in run.mask2d.sum(-1).tolist()]] * i
+        for stage in stages:
+            if run.fill is not None:
+                run.fill = scatter_tokens(run.fill.to(hidden.dtype), run.orig, hidden)
+            p_old = hidden.shape[1]
+            hidden, index = self._apply_stage(stage, run, hidden, scores=run.signals.get(stage.layer))
+            run.pos_emb = tuple(_gather_rows(t, index, 1) for t in run.pos_emb) if run.pos_emb else None
+            if isinstance(run.pos_ids, torch.Tensor) and run.pos_ids.shape[-1] == p_old:
+                run.pos_ids = _gather_rows(run.pos_ids, index, run.pos_ids.dim() - 1)
+            run.masks = {}
+            run.pruned_in_llm = True
+            if run.cache is not None and getattr(run.cache, "_mmprune", None) is not None:
+                run.cache._mmprune.stage_masks[stage.layer] = run.mask2d.clone()
+        if not run.pruned_in_llm:
+            return None
+        if stages or len(run.trace.layer_tokens) <= i:
+            run.trace.layer_tokens.append([int(v) for v in run.mask2d.sum(-1).tolist()])
+        ltype = self.adapter.layer_type(i)
+        if ltype not in run.masks:
+            run.masks[ltype] = self._make_mask(hidden, run.mask2d, run.cache, i, ltype)
+        kwargs["attention_mask"] = run.masks[ltype]
+        kwargs["position_embeddings"] = run.pos_emb
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = run.pos_ids
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _layer_decode(self, i, args, kwargs, hidden):
+        state = self.decode_state
+        active = [s.layer for s in self.llm_stages if s.layer <= i and s.layer in state.stage_masks]
+        if not active:
+            return None
+        k = active[-1]
+        ltype = self.adapter.layer_type(i)
+        key = (k, ltype)
+        if key not in self.decode_masks:
+            lm_mask = self.decode_lm_mask
+            p = state.index0.shape[1]
+            prompt = state.stage_masks[k]
+            if lm_mask is None:  # the top-level hook synthesises one, so only a direct LM call lands here
+                raise ValueError("decoding after in-LLM pruning needs a 2-D attention_mask; got None")
+            mask2d = torch.cat([prompt.to(lm_mask.device, lm_mask.dtype), lm_mask[:, p:]], dim=1)
+            self.decode_masks[key] = self._make_mask(hidden, mask2d, kwargs.get("past_key_values"), i, ltype)
+        kwargs["attention_mask"] = self.decode_masks[key]
+        return args, kwargs
+
+    def _make_mask(self, hidden, mask2d, cache, layer_idx, layer_type):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        fn = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
+        return fn(
+            config=self.lm.config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            past_key_values=cache,
+            position_ids=None,
+            layer_idx=layer_idx,
+        )
+
+    def _score_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            run = self.run
+            if not self.enabled or run is None or not any(len(v) for v in run.vis_rows):
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            valid = run.mask2d.bool()
+            last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(-1, keepdim=True)
+            probs = attention_probs(module, hidden, kwargs.get("position_embeddings"), last, valid)
+            run.signals[layer] = probs.mean(1)[:, 0]  # [B, P]: head-averaged, last query
+            return None
+
+        return hook
+
+    # ------------------------------------------------------------------ one stage
+    def _apply_stage(self, stage: Stage, run: Run, feats: torch.Tensor, scores=None):
+        """Select per sample, merge if planned, drop rows; returns (feats of survivors, index into old rows)."""
+        b, p_old = feats.shape[0], feats.shape[1]
+        dev = feats.device
+        alive_rows, kept_all, n_before, n_after, sc_all = [], [], [], [], []
+        merged = None
+        marks = torch.zeros(b, p_old, dtype=torch.bool, device=dev)
+        want_text = "text" in stage.policy.signals
+        for i in range(b):
+            rows, seg = run.vis_rows[i], run.seg_ids[i]
+            n = len(rows)
+            n_seg = len(run.grids[i])
+            counts = torch.bincount(seg, minlength=n_seg).tolist() if n else [0] * n_seg
+            if n:
+                text = None
+                if want_text:
+                    t = run.mask2d[i].bool().clone()
+                    t[rows] = False
+                    text = feats[i][t]
+                tok = Tokens(
+                    features=feats[i, rows],
+                    segments=counts,
+                    budgets=[resolve_budget(stage.config.budget, c) for c in counts],
+                    grids=list(run.grids[i]),
+                    attn=None if scores is None else scores[i, rows],
+                    text=text,
+                    layer=stage.layer,
+                )
+                plan: Plan = stage.policy.select(tok)
+                keep = plan.keep.to(dev).long()
+                if plan.assign is not None:
+                    merged = merged if merged is not None else feats.clone()
+                    merged[i, rows[keep]] = self._merge(tok.features, plan, len(keep))
+                sc_all.append(None if plan.scores is None else plan.scores.detach().float().cpu())
+            else:
+                keep = torch.zeros(0, dtype=torch.long, device=dev)
+                sc_all.append(None)
+            kept_all.append(keep.cpu())
+            n_before.append(n)
+            n_after.append(len(keep))
+            alive = run.orig[i] >= 0
+            drop = torch.ones(n, dtype=torch.bool, device=dev)
+            drop[keep] = False
+            alive[rows[drop]] = False
+            alive_rows.append(alive.nonzero().flatten())
+            marks[i, rows[keep]] = True
+            run.vis_ids[i] = run.vis_ids[i][keep]
+            run.seg_ids[i] = seg[keep]
+        feats = merged if merged is not None else feats
+        index = _left_pad_index(alive_rows, dev)
+        new_marks = _gather_rows(marks.unsqueeze(-1), index, 1).squeeze(-1)
+        run.vis_rows = [new_marks[i].nonzero().flatten() for i in range(b)]
+        run.orig = _gather_rows(run.orig.unsqueeze(-1) + 1, index, 1).squeeze(-1) - 1
+        run.rel = _gather_rows(run.rel.unsqueeze(-1) + 1, index, 1).squeeze(-1) - 1
+        run.mask2d = _gather_rows(run.mask2d.unsqueeze(-1), index, 1).squeeze(-1)
+        run.trace.stages.append(
+            StageTrace(
+                policy=stage.policy.name,
+                layer=stage.layer,
+                kept=kept_all,
+                n_before=n_before,
+                n_after=n_after,
+                scores=sc_all if any(s is not None for s in sc_all) else None,
+            )
+        )
+        return _gather_rows(feats, index, 1), index
+
+    @staticmethod
+    def _merge(features: torch.Tensor, plan: Plan, k: int) -> torch.Tensor:
+        from .kernels import merge_tokens
+
+        assign = plan.assign.to(features.device).long()
+        w = None if plan.weight is None else plan.weight.to(features.device)[None]
+        out, _ = merge_tokens(features[None], assign[None], k, w)
+        return out[0]

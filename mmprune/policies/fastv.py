@@ -1,0 +1,33 @@
+"""FastV (Chen et al., ECCV'24, "An Image is Worth 1/2 Tokens After Layer 2")."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Plan, Policy, Tokens
+
+
+class FastV(Policy):
+    """Keep the visual tokens the last token attends to most at layer K-1 (head-averaged); drop at K.
+
+    Default K = 2 as in the paper. The attention row is computed by mmprune's SDPA-compatible tap (no
+    eager attention, no ``output_attentions``). Deviation: the paper ranks all image tokens of the prompt
+    together; so do we (one top-k over the sample's visual tokens, k = sum of per-image budgets).
+
+    Example:
+        >>> t = Tokens(torch.zeros(4, 2), [4], [2], attn=torch.tensor([0.1, 0.4, 0.2, 0.3]))
+        >>> FastV().select(t).keep
+        tensor([1, 3])
+    """
+
+    name = "fastv"
+    stages = ("llm",)
+    signals = ("attn",)
+    default_layer = 2
+    paper = "FastV, ECCV'24"
+    summary = "last token's attention at layer K-1, keep top"
+
+    def select(self, tokens: Tokens) -> Plan:
+        k = min(tokens.total_budget, tokens.n)
+        top = torch.topk(tokens.attn.float(), k, sorted=False).indices
+        return Plan(keep=top.sort().values.cpu(), scores=tokens.attn)
