@@ -35,8 +35,11 @@ def batch_for(model, family, video=False, seed=0):
     return make_inputs(model, RAGGED[family] if not video else [[1], [2]], prompt_lens=[5, 2], video=video, seed=seed)
 
 
+SPECIAL = list(range(150, 160))  # placeholder / vision ids: a random model must not generate them
+
+
 def greedy(model, batch, n=4, **kw):
-    out = model.generate(**batch, max_new_tokens=n, do_sample=False, **kw)
+    out = model.generate(**batch, max_new_tokens=n, do_sample=False, suppress_tokens=SPECIAL, **kw)
     return out[:, -n:]
 
 
@@ -88,7 +91,8 @@ def _masked_greedy(model, batch, drop_mask, n):
     for _ in range(n):
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra).logits[:, -1]
-        first_logits = logits if first_logits is None else first_logits
+        first_logits = logits.clone() if first_logits is None else first_logits
+        logits[:, SPECIAL] = float("-inf")
         nxt = logits.argmax(-1, keepdim=True)
         toks.append(nxt)
         ids = torch.cat([ids, nxt], 1)
@@ -323,3 +327,20 @@ def test_wrap_replaces_previous_wrap_and_stack_order():
     assert [s.layer for s in engine.stages] == [None, 3]
     n_hooks = sum(len(mod._forward_pre_hooks) for mod in m.modules())
     assert n_hooks == 3  # top-level, language model, layer 3 (fastv's hooks are gone)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
+def test_eager_attention_paths(family):
+    m = model_for(family, "eager")
+    batch = batch_for(m, family)
+    # text-independent policies only: fastv re-ranks on every uncached step, as its last token changes
+    mmprune.wrap(m, [mmprune.PruneConfig("uniform", 0.6), mmprune.PruneConfig("random", 0.5, layer=2)])
+    with torch.no_grad():
+        assert torch.equal(greedy(m, batch, n=4), greedy(m, batch, n=4, use_cache=False))
+    mmprune.wrap(m, "random", budget=0.4)
+    with torch.no_grad():
+        first = m(**batch).logits[:, -1]
+    drop = _dropped_positions(m, batch, mmprune.trace(m))
+    mmprune.unwrap(m)
+    _, want = _masked_greedy(m, batch, drop, 1)
+    torch.testing.assert_close(first, want, atol=1e-4, rtol=1e-4)
