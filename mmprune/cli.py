@@ -37,6 +37,29 @@ def _tasks_table() -> str:
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths)), r[3]]) for r in rows)
 
 
+# Subcommands implemented in their own modules. Each exposes ``HELP``, ``add_arguments(parser)`` (argparse
+# only: importing it must stay light, so ``mmprune --help`` never loads torch) and ``run(args) -> int``.
+_COMMANDS = {
+    "eval": "mmprune.eval.command",
+    "sweep": "mmprune.eval.sweep_command",
+    "show": "mmprune.eval.show_command",
+    "bench": "mmprune.bench.command",
+}
+
+
+def _command_modules():
+    import importlib
+
+    out = {}
+    for name, path in _COMMANDS.items():
+        try:
+            out[name] = importlib.import_module(path)
+        except ModuleNotFoundError as e:
+            if e.name is None or not path.startswith(e.name):
+                raise  # a real missing dependency, not a command that is not built yet
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmprune",
@@ -44,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with a merging / pruning / pre-fusion policy and measure what it costs and gains.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in _command_modules().items():
+        mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.HELP))
     sub.add_parser("policies", help="list the registered policies (name, stages, signal, count, paper)")
     sub.add_parser("tasks", help="list the evaluation tasks (name, modality, metric, data layout)")
     demo = sub.add_parser("demo", help="wrap a tiny random model of each family and print what the policy kept")
@@ -72,12 +97,17 @@ def main(argv=None) -> int:
             from .demo import run_demo
 
             run_demo(args.policy, _number(args.budget), args.layer)
+        elif args.command in _COMMANDS:
+            return int(_command_modules()[args.command].run(args) or 0)
         else:
             parser.print_help()
         return 0
-    except ValueError as e:  # bad input: one line, no traceback
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         print(f"mmprune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mmprune: interrupted; finished samples are saved (re-run the same command to resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Pareto plot of a sweep: score vs visual tokens kept and vs prefill TFLOPs, one line per policy.
+
+Example:
+    >>> runs = [{"policy": "none", "budget": 1.0, "score": 90, "visual_tokens_kept": 196, "prefill_tflops": 0.2},
+    ...         {"policy": "fastv", "budget": 0.25, "score": 85, "visual_tokens_kept": 49, "prefill_tflops": 0.08}]
+    >>> # pareto_plot(runs, "pareto.png")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pareto_plot(runs: list[dict], path: str, title: str = "") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: CI and servers have no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ref = [r for r in runs if r.get("policy") == "none" and r.get("score") is not None]
+    by_policy: dict[str, list[dict]] = {}
+    for r in runs:
+        if r.get("policy") != "none" and r.get("score") is not None:
+            by_policy.setdefault(r["policy"], []).append(r)
+    for ax, key, label in ((axes[0], "visual_tokens_kept", "visual tokens kept (mean per sample)"),
+                           (axes[1], "prefill_tflops", "prefill TFLOPs (analytic, mean per sample)")):
+        for name, rs in sorted(by_policy.items()):
+            rs = sorted((r for r in rs if r.get(key) is not None), key=lambda r: r[key])
+            if rs:
+                ax.plot([r[key] for r in rs], [r["score"] for r in rs], marker="o", label=name)
+        for r in ref:
+            if r.get(key) is not None:
+                ax.scatter([r[key]], [r["score"]], marker="*", s=160, color="black", zorder=5, label="none (unpruned)")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"score ({(ref or [{}])[0].get('metric') or (runs or [{}])[0].get('metric', '')})")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

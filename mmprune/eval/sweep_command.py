@@ -1,0 +1,46 @@
+"""``mmprune sweep``: every policy x budget plus the unpruned reference once; one table, one Pareto plot.
+
+Example:
+    $ mmprune sweep --model testbed-llava --task shapes --policies uniform,random,fastv --budgets 0.5,0.25,0.1 --out runs/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .command import add_common, number
+
+HELP = "run policies x budgets (+ the unpruned reference once) and write results, report and pareto.png"
+
+
+def _list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--policies", type=_list, required=True, help="comma-separated policy names")
+    p.add_argument("--budgets", type=_list, required=True, help="comma-separated budgets, e.g. 0.5,0.25,0.1 or 64,32")
+
+
+def run(args) -> int:
+    from .command import config_from, print_run
+    from .plots import pareto_plot
+    from .runner import load_model, run_eval, validate
+    from .store import load_results, write_report
+
+    budgets = [number(b) for b in args.budgets]
+    plan = [("none", 1.0)] + [(p, b) for p in args.policies if p != "none" for b in budgets]
+    for pol, b in plan:  # fail fast on any bad combination before loading the model
+        validate(config_from(args, pol, b))
+    model, processor = load_model(args.model, args.device, args.dtype)
+    for pol, b in plan:
+        print_run(run_eval(config_from(args, pol, b), model=model, processor=processor))
+    runs = [r for r in load_results(args.out)["runs"] if r.get("model") == args.model and r.get("task") == args.task]
+    write_report(args.out, load_results(args.out)["runs"])
+    png = pareto_plot(runs, f"{args.out}/pareto.png", title=f"{args.model} on {args.task}")
+    print(f"results: {args.out}/results.json, report: {args.out}/report.md, plot: {png}")
+    return 0
