@@ -159,3 +159,43 @@ def test_two_process_sharding_merges_into_one_file(tiny_dir, pope_file, tmp_path
     a = json.loads((out / "results.json").read_text())["runs"][0]
     b = json.loads((single / "results.json").read_text())["runs"][0]
     assert a["score"] == b["score"] and a["n"] == b["n"] == 6
+
+
+def test_video_eval_records_corrupt_and_missing_files_and_goes_on(tmp_path):
+    """Video-MME layout on a tiny Qwen2-VL: frames through the eval's video path; bad files become failed samples."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmprune.testbed.motion import write_mp4
+    from mmprune.testbed.vocab import build_qwen2vl_processor, build_testbed_model
+
+    mdir = tmp_path / "qwen"
+    proc = build_qwen2vl_processor(mdir)
+    model = build_testbed_model("qwen2vl", proc.tokenizer, text_layers=2, vision_layers=1, text_width=64,
+                                text_mlp=128, vision_width=32, text_heads=2, text_kv_heads=1, vision_heads=2)
+    model.save_pretrained(mdir)
+    data = tmp_path / "videomme"
+    (data / "videos").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_mp4(rng.integers(0, 255, (8, 56, 56, 3), dtype=np.uint8), data / "videos" / f"v{i}.mp4")
+    (data / "videos" / "v2.mp4").write_bytes(b"not a video at all")
+    n = 4  # v3.mp4 is missing
+    pq.write_table(pa.table({
+        "videoID": [f"v{i}" for i in range(n)], "question_id": [f"q{i}" for i in range(n)],
+        "question": ["how many shapes appear ?"] * n, "options": [["A. one", "B. two", "C. three", "D. four"]] * n,
+        "answer": ["A", "B", "C", "D"], "duration": ["short"] * n, "domain": ["x"] * n, "sub_category": ["y"] * n,
+        "task_type": ["counting"] * n,
+    }), data / "test-00000-of-00001.parquet")
+    out = tmp_path / "out"
+    rc = main(["eval", "--model", str(mdir), "--task", "videomme", "--data", str(data), "--out", str(out),
+               "--policy", "uniform", "--budget", "0.5", "--frames", "4", "--max-new-tokens", "2", "--batch-size", "2"])
+    assert rc == 0
+    recs = {r["id"]: r for r in _records(out)}
+    assert set(recs) == {"q0", "q1", "q2", "q3"}
+    assert recs["q0"].get("error") is None and recs["q1"].get("error") is None
+    assert recs["q2"]["error"] and recs["q3"]["error"] and "\n" not in recs["q2"]["error"]
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["n"] == 2 and run["failed"] == 2
+    assert run["visual_tokens_kept"] == pytest.approx(run["visual_tokens_in"] / 2, abs=1)
