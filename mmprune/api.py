@@ -35,21 +35,32 @@ def _stages(model_adapter, policy, budget, layer, options):
     stages = []
     for c in configs:
         cls = get_policy(c.policy)
-        pol = cls(**c.options)
-        layer_ = c.layer if c.layer is not None else cls.default_layer
-        if layer_ is None and "pre" not in cls.stages:
-            raise ValueError(f"policy {c.policy!r} acts inside the LLM; give layer= in [1, {n_layers})")
-        if layer_ is not None:
-            if "llm" not in cls.stages:
-                raise ValueError(f"policy {c.policy!r} acts before the LLM only; use layer=None")
-            lo = 1 if "attn" in cls.signals else 0  # attention signals are read at layer K-1
-            if not lo <= layer_ < n_layers:
-                raise ValueError(f"layer {layer_} for policy {c.policy!r} is outside [{lo}, {n_layers}) for this model")
-        stages.append(Stage(config=c, policy=pol, layer=layer_))
+        expanded = cls.expand(c, n_layers)
+        if expanded is None:
+            pol = cls(**c.options)
+            expanded = [(c, pol, c.layer if c.layer is not None else cls.layer_for(n_layers))]
+        for cfg, pol, layer_ in expanded:
+            _check_layer(c.policy, pol, layer_, n_layers)
+            stages.append(Stage(config=cfg, policy=pol, layer=layer_))
     # pre-LLM stages first (in the given order), then by increasing layer
     pre = [s for s in stages if s.layer is None]
     llm = sorted([s for s in stages if s.layer is not None], key=lambda s: s.layer)
     return pre + llm
+
+
+# signals read at layer K-1 of the LLM: such stages need K >= 1
+LLM_SIGNALS = ("attn", "text_attn", "llm_keys")
+
+
+def _check_layer(name, pol, layer_, n_layers) -> None:
+    if layer_ is None and "pre" not in pol.stages:
+        raise ValueError(f"policy {name!r} acts inside the LLM; give layer= in [1, {n_layers})")
+    if layer_ is not None:
+        if "llm" not in pol.stages:
+            raise ValueError(f"policy {name!r} acts before the LLM only; use layer=None")
+        lo = 1 if any(s in pol.signals for s in LLM_SIGNALS) else 0  # attention signals are read at layer K-1
+        if not lo <= layer_ < n_layers:
+            raise ValueError(f"layer {layer_} for policy {name!r} is outside [{lo}, {n_layers}) for this model")
 
 
 def wrap(model, policy, *, budget=None, layer=None, **options):

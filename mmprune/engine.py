@@ -18,6 +18,18 @@ How a wrapped forward runs (see shared/DESIGN.md, "The three seams"):
    the state they had when dropped (through the final norm), so ``logits`` keep the input's length and
    ``labels`` work unchanged.
 
+Signals and merges (policy library): a stage's policy declares ``signals``; vision-tower signals
+(``cls_attn`` / ``keys`` / ``cls_sim``) are captured by adapter hooks installed only for the duration of the
+instance-level ``get_*_features`` wrap and travel on the encoder output (so ``generate``'s encode-once path
+keeps them), then are mapped per visual token and sliced with the surviving tokens at every stage; LLM
+signals (``attn``, ``text_attn``, ``llm_keys``) are computed in a pre-hook on layer K-1's attention
+module. A ``Plan.assign`` merges dropped tokens into kept ones (``kernels.merge_tokens`` weighted means);
+the engine tracks, per original visual token, its representative and weight, so Qwen3-VL deepstack rows
+merge with the same groups (``Run.merge_originals``) and later stages see each token's ``sizes``.
+Multi-stage policies expand into several stages at wrap time (``Policy.expand``). Time spent in policy
+selection and signal computation is recorded in the trace (``StageTrace.seconds``,
+``Trace.signal_seconds``); a declared signal that fell back is named in ``Trace.notes``.
+
 Per-sequence state that must outlive one forward (the kept prompt columns) travels on the cache object
 that ``generate`` threads through decoding, never in a module-global: two wrapped models, or two
 generations, never see each other's state.
@@ -26,6 +38,7 @@ generations, never see each other's state.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +50,11 @@ from .policies.base import Plan, Tokens, resolve_budget
 from .traces import StageTrace, Trace
 
 _IDS = itertools.count()
+
+# Signals captured in the vision tower (adapter.vision_capture), per visual token.
+VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups")
+# Signals read at decoder layer K-1 (the score hook on its attention module).
+LLM_SIGNALS = ("attn", "text_attn", "llm_keys")
 
 
 @dataclass
@@ -53,6 +71,8 @@ class CallCtx:
     input_ids: torch.Tensor | None = None
     visual: torch.Tensor | None = None  # [B, L] bool
     items: dict = field(default_factory=dict)  # modality -> list of (n_tokens, grid)
+    signals: dict = field(default_factory=dict)  # modality -> list (per item) of {signal: tensor} or None
+    notes: list = field(default_factory=list)
     decode: bool = False
     keep_full: bool = True  # False when only the last logits are used (generate): skip the scatter-back
 
@@ -86,8 +106,27 @@ class Run:
     pos_ids: Any = None
     masks: dict = field(default_factory=dict)  # layer type -> mask for the current rows
     pruned_in_llm: bool = False
-    signals: dict = field(default_factory=dict)  # layer -> [B, P] attention scores
+    signals: dict = field(default_factory=dict)  # layer -> {signal: tensor} read at layer K-1
     trace: Trace = field(default_factory=Trace)
+    vsig: list = field(default_factory=list)  # per sample: {vision signal: [n_vis, ...] or None}
+    pos0: list = field(default_factory=list)  # per sample: index of each original visual token in its segment
+    seg_n0: list = field(default_factory=list)  # per sample: token count of each segment before any stage
+    rep: list = field(default_factory=list)  # per sample: original visual id of each original's representative (-1 gone)
+    alpha: list = field(default_factory=list)  # per sample: weight of each original in its representative's mean
+    merged: bool = False
+
+    def merge_originals(self, b: int, x: torch.Tensor) -> torch.Tensor:
+        """Rows ``x [n_vis, D]`` of sample b's original visual tokens -> one row per surviving token, merged
+        with the same groups and weights as the features (Qwen3-VL deepstack inputs follow merges this way)."""
+        ids = self.vis_ids[b].to(x.device)
+        rep, alpha = self.rep[b].to(x.device), self.alpha[b].to(x.device)
+        inv = torch.full((len(rep),), -1, dtype=torch.long, device=x.device)
+        inv[ids] = torch.arange(len(ids), device=x.device)
+        live = rep >= 0
+        out = torch.zeros(len(ids), *x.shape[1:], dtype=torch.float32, device=x.device)
+        w = alpha[live].view(-1, *([1] * (x.dim() - 1)))
+        out.index_add_(0, inv[rep[live]], x[live].float() * w)
+        return out.to(x.dtype)
 
 
 def _left_pad_index(rows: list[torch.Tensor], device) -> torch.Tensor:
@@ -134,9 +173,12 @@ class Engine:
         self.decode_lm_mask: torch.Tensor | None = None
         self.last_trace: Trace | None = None
         self.handles: list = []
+        self.notes: list = []  # wrap-time notes, copied into every trace
         self.patched: list = []  # (obj, attr_name, had_instance_attr, old_value)
         self.lm = adapter.language_model()
         self.layers = adapter.layers()
+        wanted = {sig for s in stages for sig in s.policy.signals}
+        self.vision_signals = tuple(sig for sig in VISION_SIGNALS if sig in wanted)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -150,9 +192,15 @@ class Engine:
             for i in range(first, len(self.layers)):
                 self.handles.append(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             for s in self.llm_stages:
-                if "attn" in s.policy.signals:
+                needs = tuple(sig for sig in LLM_SIGNALS if sig in s.policy.signals)
+                if needs:
                     attn = self.adapter.attention_module(s.layer - 1)
-                    self.handles.append(attn.register_forward_pre_hook(self._score_hook(s.layer), with_kwargs=True))
+                    hook = self._score_hook(s.layer, needs)
+                    self.handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+        for s in self.pre_stages:
+            install = getattr(s.policy, "install_encoder", None)
+            if install is not None:
+                install(self)
         for modality, owner, name in self.adapter.encoder_methods():
             self._patch(owner, name, self._wrap_encoder(modality, getattr(owner, name)))
         self._patch(m, "prepare_inputs_for_generation", self._wrap_prepare(m.prepare_inputs_for_generation))
@@ -180,16 +228,44 @@ class Engine:
 
         @functools.wraps(fn)  # keeps the signature: generate() inspects it to pick encoder kwargs
         def wrapped(*args, **kwargs):
-            out = fn(*args, **kwargs)
+            cap = None
+            if self.enabled and self.vision_signals:
+                cap = self.adapter.vision_capture(modality, self.vision_signals)
+            if cap is not None:
+                cap.start()
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                if cap is not None:
+                    cap.stop()
             try:
                 out._mmprune_items = self.adapter.encoder_items(modality, out, args, kwargs)
             except Exception:  # never break the model for bookkeeping; fall back to contiguous runs
                 out._mmprune_items = None
-            if self.call is not None and not self.call.decode and out._mmprune_items is not None:
-                self.call.items[modality] = out._mmprune_items
+            out._mmprune_signals = None
+            if cap is not None:
+                out._mmprune_signals = cap.items(out, args, kwargs)  # None (+ cap.error) when unavailable
+                out._mmprune_signal_note = cap.error
+                out._mmprune_signal_s = cap.seconds
+            if self.call is not None and not self.call.decode:
+                if out._mmprune_items is not None:
+                    self.call.items[modality] = out._mmprune_items
+                self._take_signals(self.call, modality, out)
             return out
 
         return wrapped
+
+    @staticmethod
+    def _take_signals(ctx: CallCtx, modality: str, out) -> None:
+        sig = getattr(out, "_mmprune_signals", None)
+        if sig is not None:
+            ctx.signals[modality] = sig
+        note = getattr(out, "_mmprune_signal_note", None)
+        if note:
+            ctx.notes.append(f"{modality}: {note}")
+        secs = getattr(out, "_mmprune_signal_s", None)
+        if secs is not None:
+            ctx.notes.append(("signal_s", secs))
 
     def _wrap_prepare(self, fn):
         import functools
@@ -238,6 +314,8 @@ class Engine:
                     items = None
             if items is not None:
                 ctx.items[modality] = items
+            if out is not None:
+                self._take_signals(ctx, modality, out)
         ltk = kwargs.get("logits_to_keep", 0)
         ctx.keep_full = not (isinstance(ltk, int) and ltk == 1)
         self.call = ctx
@@ -256,7 +334,12 @@ class Engine:
         frames by timestamp text). Tokens no item accounts for become one segment per contiguous run.
         """
         ids, visual = ctx.input_ids, ctx.visual
-        queues = {m: list(v) for m, v in ctx.items.items()}
+        queues = {}
+        for m, v in ctx.items.items():
+            sig = ctx.signals.get(m)
+            if sig is None or len(sig) != len(v):
+                sig = [None] * len(v)
+            queues[m] = [(cnt, grid, sg) for (cnt, grid), sg in zip(v, sig)]
         token_modality = self.adapter.token_modalities()
         out = []
         for b in range(b_count):
@@ -268,18 +351,18 @@ class Engine:
                 same = [k for k in range(j, len(pos)) if mods[k] == mods[j]]
                 n_left = len(same)
                 if q and q[0][0] <= n_left:
-                    cnt, grid = q.pop(0)
+                    cnt, grid, sg = q.pop(0)
                     members = same[:cnt]
                     if members[-1] - j + 1 == cnt:  # contiguous in visual order
-                        segs.append((j, cnt, grid))
+                        segs.append((j, cnt, grid, sg))
                         j += cnt
                         continue
-                    q.insert(0, (cnt, grid))
+                    q.insert(0, (cnt, grid, sg))
                 # unknown split: this contiguous run is one segment
                 k = j + 1
                 while k < len(pos) and pos[k] == pos[k - 1] + 1 and mods[k] == mods[j]:
                     k += 1
-                segs.append((j, k - j, None))
+                segs.append((j, k - j, None, None))
                 j = k
             out.append(segs)
         return out
@@ -288,8 +371,30 @@ class Engine:
     def _seg_ids(segs, n, dev) -> torch.Tensor:
         """Segment index of each of a sample's n visual tokens."""
         out = torch.zeros(n, dtype=torch.long, device=dev)
-        for i, (start, cnt, _) in enumerate(segs):
+        for i, (start, cnt, _, _) in enumerate(segs):
             out[start : start + cnt] = i
+        return out
+
+    def _vision_signals(self, segs, n, dev) -> dict:
+        """One sample's vision-tower signals over its n visual tokens; a signal is None unless every
+        segment has it with the right length (then the policy's documented fallback applies)."""
+        out = {}
+        for name in self.vision_signals:
+            parts = []
+            for _, cnt, _, sg in segs:
+                t = None if sg is None else sg.get(name)
+                if t is None or t.shape[0] != cnt:
+                    parts = None
+                    break
+                parts.append(t.to(dev))
+            out[name] = torch.cat(parts) if parts else None
+        return out
+
+    @staticmethod
+    def _positions(segs, n, dev) -> torch.Tensor:
+        out = torch.zeros(n, dtype=torch.long, device=dev)
+        for start, cnt, _, _ in segs:
+            out[start : start + cnt] = torch.arange(cnt, device=dev)
         return out
 
     # ------------------------------------------------------------------ language-model hooks
@@ -324,9 +429,24 @@ class Engine:
             vis_rows=vis_pos,
             vis_ids=[torch.arange(len(v), device=dev) for v in vis_pos],
             seg_ids=[self._seg_ids(s, len(v), dev) for s, v in zip(segs, vis_pos)],
-            grids=[[g for _, _, g in s] for s in segs],
+            grids=[[g for _, _, g, _ in s] for s in segs],
             trace=Trace(n_visual=[len(v) for v in vis_pos]),
+            vsig=[self._vision_signals(s, len(v), dev) for s, v in zip(segs, vis_pos)],
+            pos0=[self._positions(s, len(v), dev) for s, v in zip(segs, vis_pos)],
+            seg_n0=[[cnt for _, cnt, _, _ in s] for s in segs],
+            rep=[torch.arange(len(v)) for v in vis_pos],
+            alpha=[torch.ones(len(v)) for v in vis_pos],
         )
+        run.trace.notes.extend(self.notes)
+        for note in ctx.notes:
+            if isinstance(note, tuple):
+                run.trace.signal_seconds += note[1]
+            else:
+                run.trace.notes.append(note)
+        for name in self.vision_signals:  # say which declared signals fell back (never silently)
+            if name != "tome_groups" and any(len(v) and sg.get(name) is None for v, sg in zip(vis_pos, run.vsig)):
+                run.trace.notes.append(f"{name}: not available from the {self.adapter.family} tower for some "
+                                       "items; the policy's documented fallback was used")
         self.run = run
         self.last_trace = run.trace
         run.fill = x if ctx.keep_full else None
@@ -425,6 +545,8 @@ class Engine:
                 run.fill = scatter_tokens(run.fill.to(hidden.dtype), run.orig, hidden)
             p_old = hidden.shape[1]
             hidden, index = self._apply_stage(stage, run, hidden, scores=run.signals.get(stage.layer))
+            if stage is stages[-1]:
+                run.signals.clear()
             run.pos_emb = tuple(_gather_rows(t, index, 1) for t in run.pos_emb) if run.pos_emb else None
             if isinstance(run.pos_ids, torch.Tensor) and run.pos_ids.shape[-1] == p_old:
                 run.pos_ids = _gather_rows(run.pos_ids, index, run.pos_ids.dim() - 1)
@@ -480,58 +602,81 @@ class Engine:
             layer_idx=layer_idx,
         )
 
-    def _score_hook(self, layer: int):
+    def _score_hook(self, layer: int, needs: tuple):
         def hook(module, args, kwargs):
             run = self.run
             if not self.enabled or run is None or not any(len(v) for v in run.vis_rows):
                 return None
+            t0 = time.perf_counter()
             hidden = args[0] if args else kwargs["hidden_states"]
             valid = run.mask2d.bool()
-            last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(-1, keepdim=True)
-            probs = attention_probs(module, hidden, kwargs.get("position_embeddings"), last, valid)
-            run.signals[layer] = probs.mean(1)[:, 0]  # [B, P]: head-averaged, last query
+            pe = kwargs.get("position_embeddings")
+            sig = {}
+            if "attn" in needs:
+                last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(-1, keepdim=True)
+                probs = attention_probs(module, hidden, pe, last, valid)
+                sig["attn"] = probs.mean(1)[:, 0]  # [B, P]: head-averaged, last query
+            if "text_attn" in needs:
+                rows = _left_pad_index([self._question_rows(run, b) for b in range(valid.shape[0])], valid.device)
+                if rows.shape[1]:
+                    sig["text_attn"] = attention_probs(module, hidden, pe, rows, valid).mean(1)  # [B, Q, P]
+                sig["text_rows"] = rows
+            if "llm_keys" in needs:
+                sig["llm_keys"] = module.k_proj(hidden)  # [B, P, Dk], pre-RoPE
+            run.signals[layer] = sig
+            run.trace.signal_seconds += time.perf_counter() - t0
             return None
 
         return hook
+
+    @staticmethod
+    def _question_rows(run: Run, b: int) -> torch.Tensor:
+        """Current rows of sample b's question: valid text rows after its last visual row (else all text)."""
+        valid = run.mask2d[b].bool().clone()
+        vis = run.vis_rows[b]
+        valid[vis] = False
+        rows = valid.nonzero().flatten()
+        if len(vis) and len(rows):
+            after = rows[rows > vis.max()]
+            if len(after):
+                return after
+        return rows
 
     # ------------------------------------------------------------------ one stage
     def _apply_stage(self, stage: Stage, run: Run, feats: torch.Tensor, scores=None):
         """Select per sample, merge if planned, drop rows; returns (feats of survivors, index into old rows)."""
         b, p_old = feats.shape[0], feats.shape[1]
         dev = feats.device
-        alive_rows, kept_all, n_before, n_after, sc_all = [], [], [], [], []
+        alive_rows, kept_all, n_before, n_after, sc_all, as_all = [], [], [], [], [], []
         merged = None
         marks = torch.zeros(b, p_old, dtype=torch.bool, device=dev)
-        want_text = "text" in stage.policy.signals
+        sigs = set(stage.policy.signals)
+        scores = scores or {}
+        seconds = 0.0
+        any_merge = False
         for i in range(b):
             rows, seg = run.vis_rows[i], run.seg_ids[i]
             n = len(rows)
             n_seg = len(run.grids[i])
             counts = torch.bincount(seg, minlength=n_seg).tolist() if n else [0] * n_seg
             if n:
-                text = None
-                if want_text:
-                    t = run.mask2d[i].bool().clone()
-                    t[rows] = False
-                    text = feats[i][t]
-                tok = Tokens(
-                    features=feats[i, rows],
-                    segments=counts,
-                    budgets=[resolve_budget(stage.config.budget, c) for c in counts],
-                    grids=list(run.grids[i]),
-                    attn=None if scores is None else scores[i, rows],
-                    text=text,
-                    layer=stage.layer,
-                )
+                tok = self._tokens(stage, run, i, feats, rows, counts, scores, sigs)
+                t0 = time.perf_counter()
                 plan: Plan = stage.policy.select(tok)
+                seconds += time.perf_counter() - t0
                 keep = plan.keep.to(dev).long()
+                self._check_plan(stage, plan, n)
                 if plan.assign is not None:
                     merged = merged if merged is not None else feats.clone()
                     merged[i, rows[keep]] = self._merge(tok.features, plan, len(keep))
+                    any_merge = True
+                as_all.append(None if plan.assign is None else plan.assign.long().cpu())
+                self._track_groups(run, i, plan, keep.cpu())
                 sc_all.append(None if plan.scores is None else plan.scores.detach().float().cpu())
             else:
                 keep = torch.zeros(0, dtype=torch.long, device=dev)
                 sc_all.append(None)
+                as_all.append(None)
             kept_all.append(keep.cpu())
             n_before.append(n)
             n_after.append(len(keep))
@@ -543,6 +688,7 @@ class Engine:
             marks[i, rows[keep]] = True
             run.vis_ids[i] = run.vis_ids[i][keep]
             run.seg_ids[i] = seg[keep]
+        run.merged = run.merged or any_merge
         feats = merged if merged is not None else feats
         index = _left_pad_index(alive_rows, dev)
         new_marks = _gather_rows(marks.unsqueeze(-1), index, 1).squeeze(-1)
@@ -558,9 +704,87 @@ class Engine:
                 n_before=n_before,
                 n_after=n_after,
                 scores=sc_all if any(s is not None for s in sc_all) else None,
+                merged=any_merge,
+                seconds=seconds,
+                assign=as_all if any_merge else None,
             )
         )
         return _gather_rows(feats, index, 1), index
+
+    def _tokens(self, stage, run: Run, i: int, feats, rows, counts, scores: dict, sigs: set) -> Tokens:
+        """The ``Tokens`` view of sample i's visual rows, with the signals the stage's policy declared."""
+        ids = run.vis_ids[i]
+        text = question = None
+        if "text" in sigs or "question" in sigs:
+            t = run.mask2d[i].bool().clone()
+            t[rows] = False
+            text = feats[i][t]
+            if "question" in sigs:
+                question = feats[i][self._question_rows(run, i)]
+        extra = {}
+        for name in self.vision_signals:
+            if name in sigs and run.vsig[i].get(name) is not None:
+                extra[name] = run.vsig[i][name][ids.to(run.vsig[i][name].device)]
+        attn = scores.get("attn")
+        if "text_attn" in sigs and scores.get("text_attn") is not None:
+            q_rows = scores["text_rows"][i]
+            ta = scores["text_attn"][i][q_rows >= 0]  # [Q, P]
+            extra["text_attn"] = ta[:, rows]
+        if "llm_keys" in sigs and scores.get("llm_keys") is not None:
+            extra["llm_keys"] = scores["llm_keys"][i, rows]
+        rep, inv = run.rep[i], torch.full((len(run.rep[i]),), -1, dtype=torch.long)
+        inv[ids.cpu()] = torch.arange(len(ids))
+        live = rep >= 0
+        sizes = torch.bincount(inv[rep[live]], minlength=len(ids)).float()
+        return Tokens(
+            features=feats[i, rows],
+            segments=counts,
+            budgets=[resolve_budget(stage.config.budget, c) for c in counts],
+            grids=list(run.grids[i]),
+            attn=None if attn is None else attn[i, rows],
+            text=text if "text" in sigs else None,
+            question=question,
+            layer=stage.layer,
+            pos=run.pos0[i][ids].cpu(),
+            sizes=sizes,
+            origin=list(run.seg_n0[i]),
+            **extra,
+        )
+
+    @staticmethod
+    def _check_plan(stage, plan: Plan, n: int) -> None:
+        keep = plan.keep.long().cpu()
+        bad = len(keep) and (keep.min() < 0 or keep.max() >= n or not bool((keep[1:] > keep[:-1]).all()))
+        if plan.assign is not None and not bad:
+            a = plan.assign.long().cpu()
+            bad = a.shape != (n,) or a.max() >= len(keep) or not torch.equal(a[keep], torch.arange(len(keep)))
+        if bad:
+            raise ValueError(f"policy {stage.policy.name!r} returned an invalid plan: keep must be sorted unique "
+                             "indices < n, and assign [n] must map kept tokens to their own position")
+
+    @staticmethod
+    def _track_groups(run: Run, i: int, plan: Plan, keep: torch.Tensor) -> None:
+        """Update which surviving token each original visual token is represented by, and its weight."""
+        ids = run.vis_ids[i].cpu()
+        n = len(ids)
+        if plan.assign is not None:
+            a = plan.assign.long().cpu()
+            w = torch.ones(n) if plan.weight is None else plan.weight.float().cpu()
+            w = torch.where(a >= 0, w, torch.zeros_like(w))
+            total = torch.zeros(len(keep)).scatter_add_(0, a.clamp(min=0), w)
+            new_rep = torch.where(a >= 0, ids[keep[a.clamp(min=0)]], -1)
+            factor = torch.where(a >= 0, w / total[a.clamp(min=0)].clamp(min=1e-30), torch.zeros_like(w))
+        else:
+            new_rep = torch.full((n,), -1, dtype=torch.long)
+            new_rep[keep] = ids[keep]
+            factor = torch.ones(n)
+        rep = run.rep[i]
+        inv = torch.full((len(rep),), -1, dtype=torch.long)
+        inv[ids] = torch.arange(n)
+        live = rep >= 0
+        j = inv[rep[live]]
+        rep[live] = new_rep[j]
+        run.alpha[i][live] = run.alpha[i][live] * factor[j]
 
     @staticmethod
     def _merge(features: torch.Tensor, plan: Plan, k: int) -> torch.Tensor:

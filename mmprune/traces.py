@@ -15,6 +15,9 @@ class StageTrace:
     per sample, the sorted indices (into that sample's visual tokens entering the stage) that survived; merged
     tokens are represented by their kept representative. ``scores`` holds the per-token signal the policy
     ranked by, where it used one (e.g. fastv's attention), aligned with the tokens entering the stage.
+    ``merged`` is True when dropped tokens were merged into kept ones (their features are group means);
+    ``assign`` then holds, per sample, the position in ``kept`` each entering token merged into (-1: dropped);
+    ``seconds`` the wall time of the policy's own selection in this stage (all samples).
     """
 
     policy: str
@@ -23,6 +26,9 @@ class StageTrace:
     n_before: list[int]
     n_after: list[int]
     scores: list[torch.Tensor] | None = None
+    merged: bool = False
+    seconds: float = 0.0
+    assign: list[torch.Tensor | None] | None = None
 
 
 @dataclass
@@ -31,6 +37,8 @@ class Trace:
 
     ``n_visual`` is the per-sample number of visual tokens the model produced; ``layer_tokens[i]`` the
     per-sample count of (non-padding) tokens that decoder layer ``i`` processed — what analytic FLOPs use.
+    ``signal_seconds``: time spent computing the signals policies asked for (vision-tower taps, attention
+    rows at layer K-1); ``notes``: why a declared signal was unavailable (the policy's fallback was used).
 
     Example:
         >>> t = Trace(stages=[StageTrace("uniform", None, [torch.tensor([0, 2])], [4], [2])], n_visual=[4])
@@ -41,6 +49,13 @@ class Trace:
     stages: list[StageTrace] = field(default_factory=list)
     n_visual: list[int] = field(default_factory=list)
     layer_tokens: list[list[int]] = field(default_factory=list)
+    signal_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def policy_seconds(self) -> float:
+        """The policies' own overhead in the last prefill: selection plus signal computation."""
+        return self.signal_seconds + sum(s.seconds for s in self.stages)
 
     @property
     def visual_tokens_kept(self) -> list[int]:

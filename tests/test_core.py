@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -294,7 +296,10 @@ def test_disabled_context_runs_unpruned():
         (dict(policy="uniform", budget="half"), "budget must be"),
         (dict(policy="uniform", budget=True), "budget must be"),
         (dict(policy="uniform", budget=float("nan")), "budget must be"),
-        (dict(policy="nope", budget=0.5), "unknown policy 'nope'; known policies: fastv, none, random, uniform"),
+        (dict(policy="nope", budget=0.5), re.escape(
+            "unknown policy 'nope'; known policies: aim, atp, cdpruner, cls_tail, dart, divprune, fastv, none, pool, "
+            "prefusion, prumerge+, pyramiddrop, random, simignore, sparsevlm, temporal, todre, tome, uniform, "
+            "visionzip, vtw")),
         (dict(policy="fastv", budget=0.5, layer=4), r"outside \[1, 4\)"),
         (dict(policy="fastv", budget=0.5, layer=0), r"outside \[1, 4\)"),
         (dict(policy="uniform", budget=0.5, layer=-1), "layer must be"),

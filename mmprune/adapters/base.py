@@ -4,7 +4,78 @@ transformers 5: ``model.model.language_model`` (``.layers``, ``.norm``) and ``mo
 
 from __future__ import annotations
 
+import time
+
 import torch
+
+
+class VisionCapture:
+    """Hooks installed on a vision tower for one encoder call; afterwards, per-item signals.
+
+    Subclasses implement ``_install()`` (append handles to ``self.handles``; hook bodies go through
+    ``self._guard`` so a failing tap never breaks the model) and ``_items(output, args, kwargs)`` returning,
+    per image / video in encoder order, a dict ``{signal: tensor with one row per visual token}``.
+    Anything that cannot be mapped exactly raises; the engine then passes None and the policy uses its
+    documented fallback, with the reason in ``Trace.notes`` (never a silently wrong index).
+    """
+
+    def __init__(self, adapter, modality: str, names: tuple) -> None:
+        self.adapter, self.modality, self.names = adapter, modality, names
+        self.handles: list = []
+        self.rows: list = []
+        self.error: str | None = None
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        self._install()
+
+    def stop(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _guard(self, fn):
+        def hook(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    fn(*a, **k)
+            except Exception as e:  # the model must run even if a tap fails
+                self.error = self.error or f"vision signal tap failed ({type(e).__name__}: {e})"
+            self.seconds += time.perf_counter() - t0
+            return None
+
+        return hook
+
+    def items(self, output, args, kwargs):
+        t0 = time.perf_counter()
+        try:
+            if self.error:
+                return None
+            with torch.no_grad():
+                return self._items(output, args, kwargs)
+        except Exception as e:
+            self.error = f"vision signals unavailable ({type(e).__name__}: {e})"
+            return None
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _install(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _items(self, output, args, kwargs):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def split_channels(sig: torch.Tensor, key_dim: int) -> dict:
+    """Channels ``[cls_attn, cls_sim, keys..., valid]`` -> signal dict; rows with valid 0 (newline
+    tokens) get zero attention, similarity and keys."""
+    valid = (sig[:, -1] > 0.5).to(sig.dtype)
+    return {
+        "cls_attn": sig[:, 0] * valid,
+        "cls_sim": sig[:, 1] * valid,
+        "keys": sig[:, 2 : 2 + key_dim] * valid[:, None],
+    }
 
 
 class Adapter:
@@ -79,6 +150,11 @@ class Adapter:
         return [(int(f.shape[0]), self.grid_of(modality, int(f.shape[0]), i, args, kwargs)) for i, f in enumerate(feats)]
 
     def grid_of(self, modality, n, i, args, kwargs):
+        return None
+
+    # -- vision-tower signals
+    def vision_capture(self, modality: str, names: tuple):
+        """A ``VisionCapture`` for one encoder call, or None when the family has no tap (policies fall back)."""
         return None
 
     # -- extras

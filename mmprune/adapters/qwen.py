@@ -3,16 +3,74 @@
 Per-item token counts come from ``grid_thw.prod() // merge**2``; M-RoPE position ids ``(3|4, B, L)`` are
 gathered row-wise by the engine, so pruned tokens keep their original (t, h, w) positions. Qwen3-VL adds
 deepstack features to the visual rows of the first decoder layers: they are pruned with the same indices
-(pre-LLM) and re-indexed inside the LLM when a stage acts at or before the last deepstack layer.
+(pre-LLM; merged with the same groups and weights when a policy merges) and re-indexed inside the LLM when
+a stage acts at or before the last deepstack layer (there a merged token keeps its representative's
+deepstack rows).
+
+Vision-tower signals: Qwen towers have no [CLS] token. A pre-hook on the last vision block's attention
+recomputes q/k from its fused ``qkv`` (+ the tower's 2-D rotary, through the model module's own
+``apply_rotary_pos_emb_vision``) and gives ``cls_attn`` = the mean attention each patch receives within its
+attention chunk (``cu_seqlens``: one image, or one temporal patch of a video), head-averaged, and ``keys``
+= pre-rotary keys averaged over heads; both are then averaged over each 2x2 merge group (the tower orders
+patches group by group, so a group is 4 consecutive rows), and Qwen2.5-VL's window permutation is undone
+with the model's own ``get_vision_window_index``. ``cls_sim`` is not provided (policies fall back).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
-from .base import Adapter
+from .base import Adapter, VisionCapture
+
+
+class QwenTowerCapture(VisionCapture):
+    def _install(self) -> None:
+        attn = self.adapter.inner().visual.blocks[-1].attn
+        self.handles.append(attn.register_forward_pre_hook(self._guard(self._tap), with_kwargs=True))
+
+    def _tap(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]  # [S, D], after norm1
+        cu = kwargs["cu_seqlens"].tolist()
+        cos, sin = kwargs["position_embeddings"]
+        s = hidden.shape[0]
+        q, k, _ = module.qkv(hidden).reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        qr, kr = rope(q, k, cos, sin)
+        qr, kr = qr.transpose(0, 1).float(), kr.transpose(0, 1).float()  # [H, S, hd]
+        recv = torch.zeros(s, device=hidden.device)
+        for a, b in zip(cu[:-1], cu[1:]):
+            for h in range(qr.shape[0]):  # one head at a time: memory O(chunk^2)
+                p = torch.softmax(qr[h, a:b] @ kr[h, a:b].T * module.scaling, dim=-1)
+                recv[a:b] += p.mean(0)
+        recv /= qr.shape[0]
+        self.rows.append(torch.cat([recv[:, None], k.float().mean(1)], dim=-1))  # [S, 1 + hd]
+
+    def _items(self, output, args, kwargs):
+        if len(self.rows) != 1:
+            raise ValueError(f"expected one tower call, saw {len(self.rows)}")
+        grid = kwargs.get(f"{self.modality}_grid_thw")
+        if grid is None and len(args) > 1:
+            grid = args[1]
+        visual = self.adapter.inner().visual
+        m2 = visual.spatial_merge_size**2
+        sig = self.rows[0]
+        sig = sig.view(sig.shape[0] // m2, m2, -1).mean(1)
+        if hasattr(visual, "window_size"):  # Qwen2.5-VL: blocks run in window order
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(
+                grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+                patch_size=visual.patch_size,
+            )
+            sig = sig[torch.argsort(window_index.to(sig.device))]
+        sizes = (grid.prod(-1) // m2).tolist()
+        feats = output.pooler_output
+        if [int(f.shape[0]) for f in feats] != sizes:
+            raise ValueError("signal layout does not match the encoder's tokens")
+        return [{"cls_attn": p[:, 0], "keys": p[:, 1:]} for p in torch.split(sig, sizes)]
 
 
 class QwenVLAdapter(Adapter):
@@ -29,6 +87,10 @@ class QwenVLAdapter(Adapter):
         m = self.config.vision_config.spatial_merge_size
         t, h, w = (int(v) for v in grid[i])
         return (t, h // m, w // m) if t * (h // m) * (w // m) == n else None
+
+
+    def vision_capture(self, modality, names):
+        return QwenTowerCapture(self, modality, names)
 
 
 class Qwen25VLAdapter(QwenVLAdapter):
@@ -48,7 +110,13 @@ class Qwen3VLAdapter(QwenVLAdapter):
         offsets = torch.cumsum(torch.tensor([0] + [int(v) for v in vpm.sum(-1).tolist()[:-1]]), 0)
         flat = torch.cat([off + ids.cpu() for off, ids in zip(offsets.tolist(), run.vis_ids)]).to(vpm.device)
         kwargs["visual_pos_masks"] = _gather_mask(vpm, run.orig)
-        if ds is not None:
+        if ds is not None and run.merged:  # merged tokens get the same weighted mean of their deepstack rows
+            counts = [int(v) for v in vpm.sum(-1).tolist()]
+            kwargs["deepstack_visual_embeds"] = [
+                torch.cat([run.merge_originals(b, part) for b, part in enumerate(torch.split(d, counts))])
+                for d in ds
+            ]
+        elif ds is not None:
             kwargs["deepstack_visual_embeds"] = [d[flat] for d in ds]
 
     def install_extras(self, engine) -> None:

@@ -20,6 +20,26 @@ _REGISTRY: dict[str, str] = {
     "uniform": "basic:Uniform",
     "random": "basic:Random",
     "fastv": "fastv:FastV",
+    # pre-LLM / vision encoder
+    "tome": "merging:ToMe",
+    "visionzip": "merging:VisionZip",
+    "prumerge+": "merging:PruMergePlus",
+    "pool": "merging:Pool",
+    "temporal": "merging:Temporal",
+    "divprune": "diversity:DivPrune",
+    "cdpruner": "diversity:CDPruner",
+    "dart": "diversity:DART",
+    "cls_tail": "relevance:ClsTail",
+    "simignore": "relevance:SimIgnore",
+    # in-LLM
+    "vtw": "inllm:VTW",
+    "pyramiddrop": "inllm:PyramidDrop",
+    "sparsevlm": "inllm:SparseVLM",
+    "atp": "inllm:ATP",
+    # multi-stage / pre-fusion
+    "aim": "multistage:AIM",
+    "todre": "multistage:ToDRE",
+    "prefusion": "multistage:PreFusion",
 }
 
 

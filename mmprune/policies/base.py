@@ -22,6 +22,32 @@ class Tokens:
     ``grids`` each segment's ``(t, h, w)`` token grid where known (None otherwise); ``attn`` ``[N]`` the
     head-averaged attention the query tokens pay to each token (only for policies with signal "attn");
     ``text`` ``[T, D]`` the sample's text-token features; ``layer`` None pre-LLM, else the decoder layer.
+
+    Optional signals, filled by the engine only for policies that declare them in ``signals`` (None where a
+    family cannot provide one; each policy documents its fallback):
+
+    - ``cls_attn [N]`` (signal ``"cls_attn"``): head-averaged attention the vision tower's [CLS] token pays to
+      each patch at the feature layer (LLaVA-1.5 / NeXT CLIP towers). Towers without [CLS] (SigLIP,
+      Qwen-VL) give the mean attention each token *receives* at that layer instead (Qwen: last block,
+      averaged over each 2x2 merge group).
+    - ``keys [N, Dk]`` (``"keys"``): the vision tower's attention keys at that layer, averaged over heads
+      (Qwen: averaged over each 2x2 merge group); what ToMe / VisionZip / PruMerge compare.
+    - ``cls_sim [N]`` (``"cls_sim"``): cosine similarity of each patch to the tower's [CLS] output at the
+      feature layer (SigLIP: to the mean patch; Qwen: None).
+    - ``tome_groups [N]`` (``"tome_groups"``): after ToMe merged inside the vision tower (LLaVA-1.5), the
+      in-image index of the token standing for each token's group (the tower's outputs are unmerged copies).
+    - ``question [Q, D]`` (``"question"``): features of the text tokens after the sample's last visual token
+      (the instruction); all text tokens when nothing follows the image.
+    - ``text_attn [Q, N]`` (``"text_attn"``, in-LLM): head-averaged attention of each question token to each
+      visual token at layer K-1.
+    - ``llm_keys [N, Dk]`` (``"llm_keys"``, in-LLM): the layer K-1 attention keys (pre-RoPE, heads concatenated).
+
+    Always filled: ``pos [N]`` each token's original index inside its segment (so grid-based policies work
+    after an earlier stage dropped tokens), ``sizes [N]`` how many original tokens each token already stands
+    for (1 unless an earlier stage merged), ``origin`` each segment's token count before the first stage.
+
+    ``grids[i] = (t, h, w)``: ``t * h * w`` tokens in raster order (frame, row, column); a segment may hold
+    a few more tokens after the grid (LLaVA-OneVision's trailing newline token of a video).
     """
 
     features: torch.Tensor
@@ -31,6 +57,16 @@ class Tokens:
     attn: torch.Tensor | None = None
     text: torch.Tensor | None = None
     layer: int | None = None
+    cls_attn: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    cls_sim: torch.Tensor | None = None
+    tome_groups: torch.Tensor | None = None
+    question: torch.Tensor | None = None
+    text_attn: torch.Tensor | None = None
+    llm_keys: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
+    origin: list[int] | None = None
 
     @property
     def n(self) -> int:
@@ -39,6 +75,15 @@ class Tokens:
     @property
     def total_budget(self) -> int:
         return int(sum(self.budgets))
+
+    def positions(self) -> torch.Tensor:
+        """``pos``, or each token's index inside its segment when no earlier stage ran."""
+        if self.pos is not None:
+            return self.pos.long().cpu()
+        return torch.cat([torch.arange(s) for s in self.segments]) if self.segments else torch.zeros(0, dtype=torch.long)
+
+    def token_sizes(self) -> torch.Tensor:
+        return torch.ones(self.n) if self.sizes is None else self.sizes.float().cpu()
 
     def segment_slices(self) -> list[slice]:
         out, start = [], 0
@@ -66,8 +111,15 @@ class Policy:
     """Base class. Subclasses set the class attributes and implement ``select``.
 
     ``stages``: where the policy can run ("pre" = before the LLM, "llm" = at a decoder layer).
-    ``signals``: what it needs beyond features ("attn": query->visual attention at the previous layer,
-    "text": the text-token features). ``default_layer``: None = pre-LLM by default, else the decoder layer.
+    ``signals``: what it needs beyond features ("attn": last token->visual attention at the previous layer,
+    "text": the text-token features, and the optional ``Tokens`` fields: "cls_attn", "keys", "cls_sim",
+    "question", "text_attn", "llm_keys"; "grid" / "frames" only document that the policy reads
+    ``Tokens.grids``). ``default_layer``: None = pre-LLM by default, else the decoder layer
+    (``layer_for(num_layers)`` may scale it with depth). ``adaptive``: the policy picks its own count per
+    instance (then the budget is its cap or target, documented per policy).
+
+    Multi-stage policies override ``expand(config, num_layers)`` and return one ``(PruneConfig, Policy
+    instance, layer)`` per stage; the wrap installs them as separate stages, so the trace shows each.
     """
 
     name: ClassVar[str] = ""
@@ -88,6 +140,18 @@ class Policy:
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
         return {}
+
+    @classmethod
+    def layer_for(cls, num_layers: int) -> int | None:
+        """The default decoder layer for a model of ``num_layers`` layers (None = pre-LLM)."""
+        if cls.default_layer is None:
+            return None
+        return max(0, min(cls.default_layer, num_layers - 1))
+
+    @classmethod
+    def expand(cls, config, num_layers: int):
+        """Multi-stage policies: list of ``(PruneConfig, Policy, layer)``; None = one ordinary stage."""
+        return None
 
     def select(self, tokens: Tokens) -> Plan:  # pragma: no cover - interface
         raise NotImplementedError

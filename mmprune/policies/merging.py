@@ -1,0 +1,406 @@
+"""Merging policies: ``tome``, ``visionzip``, ``prumerge+``, ``pool``, ``temporal``.
+
+Each returns a ``Plan`` with ``assign``: dropped tokens fold into a kept representative, whose feature
+becomes the (weighted) mean of its group and which keeps its own position (RoPE / M-RoPE ids).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._ops import (
+    attention_received,
+    bipartite_merge,
+    cos_matrix,
+    evenly_spaced,
+    grid_coords,
+    nearest_assign,
+    segmentwise,
+    topk_indices,
+)
+from .base import Plan, Policy, Tokens
+
+
+class ToMe(Policy):
+    """ToMe: bipartite soft matching on key similarity, size-weighted means (Bolya et al., ICLR'23).
+
+    Tokens are split alternately into sets A and B; each A token is matched to its most similar B token
+    (cosine of the vision tower's keys, head-averaged, as ToMe uses; the stage's features where no keys
+    exist, e.g. inside the LLM); the ``r`` best-matched A tokens merge into their partners; repeated until
+    the budget is met exactly. Merged features are size-weighted means (a token that already stands for s
+    originals weighs s), so the result equals the plain mean of the original tokens of each group.
+
+    Where: ``where="auto"`` merges between the CLIP tower's blocks for LLaVA-1.5 (with proportional
+    attention, ToMe's ``log(size)`` bias, in the tower's later blocks; see ``mmprune.adapters.llava``), and
+    after the projector elsewhere; ``"encoder"`` / ``"projector"`` force one (``"encoder"`` falls back to
+    the projector for towers without support: NeXT / OneVision anyres packing and the Qwen towers).
+    Inside the encoder ToMe merges ``r`` tokens per block up to the feature layer, at most half of them
+    per block; whatever the budget still asks for is merged after the projector, on the tower keys.
+
+    Deviations: after the projector the LLM gets no proportional attention (its masks carry no per-token
+    bias); per image, not per batch; ToMe's ``r`` per block is replaced by an exact budget.
+
+    Example:
+        >>> x = torch.tensor([[1., 0.], [1., 0.], [0., 1.], [0., 1.], [1., 1.], [-1., 1.]])
+        >>> plan = ToMe().select(Tokens(x, [6], [4]))
+        >>> plan.keep.tolist(), plan.assign.tolist()
+        ([1, 3, 4, 5], [0, 0, 1, 1, 2, 3])
+    """
+
+    name = "tome"
+    signals = ("keys", "tome_groups")
+    paper = "ToMe, ICLR'23"
+    summary = "bipartite soft matching on key similarity, size-weighted merge"
+
+    @classmethod
+    def option_defaults(cls):
+        return {"where": "auto"}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.options["where"] not in ("auto", "encoder", "projector"):
+            raise ValueError(f"tome option where must be 'auto', 'encoder' or 'projector'; got {self.options['where']!r}")
+
+    def install_encoder(self, engine) -> None:
+        if self.options["where"] == "projector":
+            return
+        merge = getattr(engine.adapter, "install_encoder_merge", None)
+        done = merge is not None and merge(engine, self)
+        if not done and self.options["where"] == "encoder":
+            engine.notes.append(f"tome: merging inside the {engine.adapter.family} vision tower is not supported; "
+                                "merging after the projector instead")
+
+    @staticmethod
+    def _encoder_groups(t: Tokens):
+        """Per token: the token (index in t) representing its tower-side group, or None."""
+        if t.tome_groups is None:
+            return None
+        pos = t.positions()
+        where = torch.full((int(max(pos.max(), t.tome_groups.max())) + 1,), -1, dtype=torch.long)
+        where[pos] = torch.arange(t.n)
+        rep = where[t.tome_groups.long().cpu()]
+        return None if bool((rep < 0).any()) else rep  # a representative was dropped earlier: start afresh
+
+    def select(self, tokens: Tokens) -> Plan:
+        def one(t: Tokens) -> Plan:
+            metric = t.keys if t.keys is not None else t.features
+            sizes = t.token_sizes()
+            first = self._encoder_groups(t)
+            if first is None:
+                keep, assign = bipartite_merge(metric, sizes, t.budgets[0])
+                return Plan(keep=keep, assign=assign, weight=sizes)
+            reps, inv = first.unique(return_inverse=True)  # groups formed in the tower: continue from them
+            gsize = torch.zeros(len(reps)).index_add_(0, inv, sizes)
+            keep_r, assign_r = bipartite_merge(metric[reps.to(metric.device)], gsize, t.budgets[0])
+            return Plan(keep=reps[keep_r], assign=assign_r[inv], weight=sizes)
+
+        return segmentwise(tokens, one)
+
+
+class VisionZip(Policy):
+    """VisionZip (Yang et al., CVPR'25): dominant tokens by [CLS] attention + contextual merged tokens.
+
+    Per image: the ``round(budget * dominant_ratio)`` tokens with the highest [CLS] attention at the
+    feature layer are kept as they are (dominant); of the rest, ``k_c`` evenly spaced tokens become
+    contextual targets and every other remaining token merges into the target whose key is most similar
+    (cosine of head-averaged keys); a contextual token is the plain mean of its group. The default split
+    54:10 (``dominant_ratio = 54/64``) is the paper's LLaVA-1.5 setting.
+
+    Signals and fallbacks: [CLS] attention (SigLIP / Qwen: mean attention received at the tower's feature
+    layer / last block; no tower signal at all: ``attention_received`` of the features); keys (else the
+    stage's features). Deviations: the [CLS] token itself is not added to the LLM input (LLaVA-1.5 drops
+    it and we keep the placeholder count); contextual merging averages projected features (the paper
+    averages tower features, then projects).
+
+    Example:
+        >>> t = Tokens(torch.eye(6), [6], [3], cls_attn=torch.tensor([.1, .5, .1, .1, .1, .1]))
+        >>> VisionZip(dominant_ratio=0.34).select(t).keep.tolist()
+        [0, 1, 3]
+    """
+
+    name = "visionzip"
+    stages = ("pre",)
+    signals = ("cls_attn", "keys")
+    paper = "VisionZip, CVPR'25"
+    summary = "dominant tokens by [CLS] attention + contextual tokens merged by key similarity"
+
+    @classmethod
+    def option_defaults(cls):
+        return {"dominant_ratio": 54 / 64}
+
+    def select(self, tokens: Tokens) -> Plan:
+        ratio = float(self.options["dominant_ratio"])
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"visionzip dominant_ratio must be in [0, 1]; got {ratio}")
+
+        def one(t: Tokens) -> Plan:
+            n, k = t.n, t.budgets[0]
+            score = t.cls_attn if t.cls_attn is not None else attention_received(t.features)
+            kd = min(k, int(round(k * ratio)))
+            kc = k - kd
+            dom = topk_indices(score, kd)
+            rest = torch.ones(n, dtype=torch.bool)
+            rest[dom] = False
+            rest = rest.nonzero().flatten()
+            if kc == 0 or len(rest) == 0:
+                return Plan(keep=dom, scores=score)
+            step = max(1, len(rest) // kc)
+            targets = rest[torch.arange(0, len(rest), step)[:kc]]
+            keep = torch.cat([dom, targets]).sort().values
+            metric = t.keys if t.keys is not None else t.features
+            is_target = torch.zeros(n, dtype=torch.bool)
+            is_target[targets] = True
+            tpos = torch.searchsorted(keep, targets)
+            assign = torch.full((n,), -1, dtype=torch.long)
+            assign[keep] = torch.arange(len(keep))
+            others = rest[~is_target[rest]]
+            if len(others):
+                sim = cos_matrix(metric[others], metric[targets]).cpu()
+                assign[others] = tpos[sim.argmax(-1)]
+            return Plan(keep=keep, assign=assign, scores=score)
+
+        return segmentwise(tokens, one)
+
+
+class PruMergePlus(Policy):
+    """LLaVA-PruMerge+ (Shang et al.): IQR outliers of [CLS] attention + spatially uniform samples, kNN merge.
+
+    Per image: tokens whose [CLS] attention exceeds ``Q3 + 1.5 IQR`` (the outliers) are kept first (the
+    highest ones if there are more than the budget); the budget is then filled with spatially uniform
+    samples (evenly spaced over the remaining tokens in raster order). Every other token merges into the
+    kept token with the most similar key, weighted by its [CLS] attention (the kept token by its own).
+
+    ``adaptive=True`` follows the paper's count instead: outliers plus uniform samples with a stride of a
+    third of ``n / outliers`` (PruMerge+'s rule), capped by the budget.
+
+    Deviations: PruMerge adds, to each kept token, the attention-weighted sum of its 32 nearest neighbours
+    (a token may feed several kept tokens, and the sum is not normalised); here each pruned token joins
+    exactly one kept token (its nearest) and groups are attention-weighted means, which keeps feature norms.
+    Fallbacks as ``visionzip`` (mean attention received where there is no [CLS]).
+
+    Example:
+        >>> a = torch.full((16,), 0.01); a[5] = 0.9
+        >>> PruMergePlus().select(Tokens(torch.randn(16, 4), [16], [3], cls_attn=a)).keep.tolist()
+        [3, 5, 12]
+    """
+
+    name = "prumerge+"
+    stages = ("pre",)
+    signals = ("cls_attn", "keys", "grid")
+    paper = "LLaVA-PruMerge(+), 2024"
+    summary = "IQR outliers of [CLS] attention + uniform samples, kNN merge"
+
+    @classmethod
+    def option_defaults(cls):
+        return {"adaptive": False}
+
+    def select(self, tokens: Tokens) -> Plan:
+        def one(t: Tokens) -> Plan:
+            n, k = t.n, t.budgets[0]
+            score = (t.cls_attn if t.cls_attn is not None else attention_received(t.features)).float().cpu()
+            q1, q3 = torch.quantile(score, 0.25), torch.quantile(score, 0.75)
+            out = (score > q3 + 1.5 * (q3 - q1)).nonzero().flatten()
+            out = out[torch.sort(score[out], descending=True, stable=True).indices][:k]
+            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen[out] = True
+            rest = (~chosen).nonzero().flatten()
+            if self.options["adaptive"]:
+                stride = max(1, (n // max(len(out), 1)) // 3)
+                extra = torch.arange(0, n, stride)
+                extra = extra[~chosen[extra]][: max(0, k - len(out))]
+            else:
+                extra = rest[evenly_spaced(len(rest), min(len(rest), k - len(out)))]
+            keep = torch.cat([out, extra]).unique().sort().values
+            metric = t.keys if t.keys is not None else t.features
+            assign = nearest_assign(n, keep, cos_matrix(metric, metric[keep]))
+            return Plan(keep=keep, assign=assign, weight=score.clamp(min=1e-12) * t.token_sizes(), scores=score)
+
+        return segmentwise(tokens, one)
+
+
+class Pool(Policy):
+    """Average pooling on the patch grid, LLaVA-OneVision style (its videos are 2x2-pooled per frame).
+
+    ``size=None`` (default) pools each image to its budget: the frame grid is cut into ``oh x ow`` windows
+    (``oh * ow <= budget``, aspect ratio closest to the grid's; videos keep one window row per frame while
+    the budget allows, else windows span frames), then the largest windows are halved along their longer
+    side until the count equals the budget exactly. ``size=2`` / ``size=3`` pool fixed s x s windows per
+    frame instead (the count follows the grid and the budget is ignored). A merged token is the plain mean
+    of its window and sits at the window member nearest the window's centre.
+
+    Fallback: images without a single grid (LLaVA-NeXT / OneVision anyres: base tile + unpadded sub-tiles
+    + newline tokens) are pooled 1-D, in sequence order, into budget-many equal chunks; tokens past a
+    grid (OneVision's video newline) stay alone.
+
+    Example:
+        >>> x = torch.arange(16.).view(16, 1)  # a 4x4 grid holding 0..15
+        >>> plan = Pool().select(Tokens(x, [16], [4], grids=[(1, 4, 4)]))
+        >>> plan.keep.tolist(), plan.assign.view(4, 4).tolist()
+        ([0, 2, 8, 10], [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    """
+
+    name = "pool"
+    signals = ("grid",)
+    paper = "LLaVA-OneVision spatial pooling"
+    summary = "average pooling on the patch grid (2x2, 3x3 or to the budget)"
+
+    @classmethod
+    def option_defaults(cls):
+        return {"size": None}
+
+    def select(self, tokens: Tokens) -> Plan:
+        size = self.options["size"]
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"pool option size must be None or an int >= 1; got {size!r}")
+        return segmentwise(tokens, lambda t: self._one(t, size))
+
+    @staticmethod
+    def _windows(grid, target: int):
+        t, h, w = grid
+        ot = min(t, target)
+        q = max(1, target // ot)
+        best = None
+        for oh in range(1, h + 1):
+            ow = min(w, q // oh)
+            if ow < 1:
+                continue
+            key = (oh * ow, -abs(oh / ow - h / w))
+            if best is None or key > best[0]:
+                best = (key, oh, ow)
+        return ot, best[1], best[2]
+
+    def _one(self, t: Tokens, size) -> Plan:
+        n, k = t.n, t.budgets[0]
+        coords = grid_coords(t, 0)
+        extra = torch.zeros(n, dtype=torch.bool)
+        if coords is None:
+            cid = (torch.arange(n) * k // n) if size is None else (torch.arange(n) // (size * size))
+            return _plan_from_groups(cid, coords, t)
+        f, r, c = coords
+        extra = f < 0
+        grid = t.grids[0]
+        if size is not None:
+            key = (f * (grid[1] // size + 1) + r // size) * (grid[2] // size + 1) + c // size
+        else:
+            target = max(1, k - int(extra.sum()))
+            ot, oh, ow = self._windows(grid, target)
+            key = ((f * ot // grid[0]) * oh + r * oh // grid[1]) * ow + c * ow // grid[2]
+        key = torch.where(extra, -1 - torch.arange(n), key)
+        _, gid = torch.unique(key, return_inverse=True)
+        if size is None:
+            gid = _split_to(gid, torch.stack([f, r, c], -1).float(), k)
+        return _plan_from_groups(gid, coords, t)
+
+
+def _split_to(gid: torch.Tensor, xyz: torch.Tensor, k: int) -> torch.Tensor:
+    """Halve the largest groups along their longest extent until there are k groups (or singletons)."""
+    gid = gid.clone()
+    while int(gid.max()) + 1 < k:
+        counts = torch.bincount(gid)
+        g = int(torch.sort(counts, descending=True, stable=True).indices[0])
+        if counts[g] < 2:
+            break
+        members = (gid == g).nonzero().flatten()
+        pts = xyz[members]
+        axis = int((pts.max(0).values - pts.min(0).values).argmax())
+        order = torch.sort(pts[:, axis], stable=True).indices
+        gid[members[order[len(order) // 2 :]]] = int(gid.max()) + 1
+    return gid
+
+
+def _plan_from_groups(gid: torch.Tensor, coords, t: Tokens) -> Plan:
+    """Plan merging each group to the member nearest the group's centre (plain / size-weighted mean)."""
+    n = len(gid)
+    _, gid = torch.unique(gid, return_inverse=True)
+    g = int(gid.max()) + 1
+    xyz = torch.arange(n, dtype=torch.float32)[:, None] if coords is None else torch.stack(coords, -1).float()
+    sums = torch.zeros(g, xyz.shape[1]).index_add_(0, gid, xyz)
+    centre = sums / torch.bincount(gid, minlength=g)[:, None]
+    dist = ((xyz - centre[gid]) ** 2).sum(-1) + torch.arange(n) * 1e-6  # ties -> lowest index
+    best = torch.full((g,), float("inf")).scatter_reduce(0, gid, dist, "amin")
+    cand = torch.where(dist == best[gid], torch.arange(n), torch.full((n,), n))
+    reps = torch.full((g,), n, dtype=torch.long).scatter_reduce(0, gid, cand, "amin")
+    keep = reps.sort().values
+    pos = torch.empty(g, dtype=torch.long)
+    pos[torch.argsort(reps)] = torch.arange(g)
+    return Plan(keep=keep, assign=pos[gid], weight=t.token_sizes())
+
+
+class Temporal(Policy):
+    """Video: merge tokens repeated across adjacent frames (FastVID / DyCoke / FrameFusion family).
+
+    Per video: (1) frames are cut into segments where the cosine similarity of consecutive frame
+    descriptors (the frame's mean token) drops below ``threshold``; (2) inside a segment, each token is
+    compared with the token at the same grid position in the previous frame, and the most similar pairs
+    merge (chains follow the token back to its first frame: a static region becomes one token) until the
+    budget is met; (3) if temporal merges alone cannot reach the budget, the rest is merged spatially by
+    ToMe-style bipartite matching among the survivors. Merged tokens are size-weighted means at the
+    position of their earliest frame. Frame boundaries come from the video grid: Qwen-VL ``t`` temporal
+    patches of ``h*w/4`` tokens, LLaVA-OneVision frames of 2x2-pooled tokens plus a trailing newline token
+    (never merged).
+
+    Images (one frame) and items without a grid fall back to step (3) alone. Deviations: FastVID's
+    density-based spatio-temporal merging inside segments is replaced by same-position temporal merging
+    plus bipartite spatial merging; no in-LLM pruning stage.
+
+    Example:
+        >>> x = torch.randn(2, 4).repeat(2, 1)  # 2 frames of 2 tokens, frame 2 repeats frame 1
+        >>> Temporal().select(Tokens(x, [4], [2], grids=[(2, 1, 2)])).keep.tolist()
+        [0, 1]
+    """
+
+    name = "temporal"
+    signals = ("frames",)
+    paper = "FastVID / DyCoke / FrameFusion"
+    summary = "merge tokens repeated across adjacent frames, segmented by frame similarity"
+
+    @classmethod
+    def option_defaults(cls):
+        return {"threshold": 0.8}
+
+    def select(self, tokens: Tokens) -> Plan:
+        return segmentwise(tokens, self._one)
+
+    def _one(self, t: Tokens) -> Plan:
+        n, k = t.n, t.budgets[0]
+        x = t.features.float().cpu()
+        sizes = t.token_sizes()
+        coords = grid_coords(t, 0)
+        group = torch.arange(n)
+        if coords is not None and t.grids[0][0] > 1:
+            f, r, c = coords
+            frames = int(f.max()) + 1
+            desc = torch.stack([x[f == i].mean(0) if (f == i).any() else torch.zeros(x.shape[1]) for i in range(frames)])
+            fsim = torch.nn.functional.cosine_similarity(desc[1:], desc[:-1], dim=-1)
+            cut = torch.cat([torch.zeros(1, dtype=torch.bool), fsim < float(self.options["threshold"])])
+            seg_of_frame = torch.cumsum(cut.long(), 0)
+            hw = t.grids[0][1] * t.grids[0][2]
+            cell = r * t.grids[0][2] + c
+            table = torch.full((frames, hw), -1, dtype=torch.long)  # (frame, cell) -> token
+            inside = f >= 0
+            table[f[inside], cell[inside]] = torch.arange(n)[inside]
+            fp = (f - 1).clamp(min=0)
+            same_seg = inside & (f > 0) & (seg_of_frame[f.clamp(min=0)] == seg_of_frame[fp])
+            pred = torch.where(same_seg, table[fp, cell], torch.full_like(f, -1))
+            sim = torch.full((n,), float("-inf"))
+            has = pred >= 0
+            sim[has] = torch.nn.functional.cosine_similarity(x[has], x[pred[has]], dim=-1)
+            cand = (pred >= 0).nonzero().flatten()
+            cand = cand[torch.sort(sim[cand], descending=True, stable=True).indices][: max(0, n - k)]
+            parent = torch.arange(n)
+            parent[cand] = pred[cand]
+            for i in torch.sort(f, stable=True).indices.tolist():  # frames in order: roots resolve forwards
+                group[i] = group[parent[i]] if parent[i] != i else i
+        roots = group.unique()
+        if len(roots) > k:  # spatial bipartite merging among the temporal groups
+            gsize = torch.zeros(n).index_add_(0, group, sizes)
+            msum = torch.zeros(n, x.shape[1]).index_add_(0, group, x * sizes[:, None])
+            metric = msum[roots] / gsize[roots, None]
+            keep_r, assign_r = bipartite_merge(metric, gsize[roots], k)
+            rpos = torch.full((n,), -1, dtype=torch.long)
+            rpos[roots] = torch.arange(len(roots))
+            group = roots[keep_r][assign_r[rpos[group]]]
+        keep = group.unique().sort().values
+        pos = torch.full((n,), -1, dtype=torch.long)
+        pos[keep] = torch.arange(len(keep))
+        return Plan(keep=keep, assign=pos[group], weight=sizes)

@@ -1,0 +1,85 @@
+"""Score-and-cut policies before the LLM: ``cls_tail`` (adaptive) and ``simignore``."""
+
+from __future__ import annotations
+
+import torch
+
+from ._ops import knee, mean_similarity, normed, segmentwise, topk_indices
+from .base import Plan, Policy, Tokens
+
+
+class ClsTail(Policy):
+    """Sparsity Meets Similarity (Yu et al., 2024): cut the long tail of [CLS] similarity at its knee.
+
+    Each patch's cosine similarity to the vision tower's [CLS] output at the feature layer is long-tailed:
+    a few tokens are very similar, most are not. Sorted in decreasing order, the curve's inflection point
+    (located with Kneedle: the point farthest below the chord between the curve's ends) separates the
+    head, which is kept, from the tail. Adaptive: the count is the image's own; the budget is a cap (the
+    most similar ``budget`` tokens when the head is longer).
+
+    Fallbacks: towers without [CLS] (SigLIP, and Qwen, which provides no tower similarity) use the
+    cosine to the image's mean token. Deviations: the paper's second, text-visual pruning pass inside the
+    LLM is not part of this stage; stack it, e.g. with ``PruneConfig("sparsevlm", ...)``.
+
+    Example:
+        >>> s = torch.tensor([1.0, 0.97, 0.95, 0.93, 0.3, 0.25, 0.22, 0.2, 0.19, 0.18])
+        >>> ClsTail().select(Tokens(torch.zeros(10, 2), [10], [10], cls_sim=s)).keep.tolist()
+        [0, 1, 2, 3]
+    """
+
+    name = "cls_tail"
+    stages = ("pre",)
+    signals = ("cls_sim",)
+    adaptive = True
+    paper = "Sparsity Meets Similarity, 2024"
+    summary = "cut the sorted [CLS]-similarity curve at its inflection point"
+
+    def select(self, tokens: Tokens) -> Plan:
+        def one(t: Tokens) -> Plan:
+            s = (t.cls_sim if t.cls_sim is not None else mean_similarity(t.features)).float().cpu()
+            head = knee(torch.sort(s, descending=True).values)
+            return Plan(keep=topk_indices(s, min(head, t.budgets[0])), scores=s)
+
+        return segmentwise(tokens, one)
+
+
+class SimIgnore(Policy):
+    """Simignore (seed paper): ignore image tokens whose embedding similarity to the question is low.
+
+    Score: mean cosine similarity between the token's projected feature and the question's token
+    embeddings (LLM input space: the text after the image); the budget's most similar tokens are kept
+    per image. ``reduce="max"`` scores by the best-matching question token instead.
+
+    Fallback: no question text -> all text tokens; no text at all -> similarity to the image's mean token.
+
+    Example:
+        >>> x = torch.tensor([[1., 0.], [0., 1.], [0.7, 0.7]])
+        >>> SimIgnore().select(Tokens(x, [3], [1], question=torch.tensor([[0., 1.]]))).keep.tolist()
+        [1]
+    """
+
+    name = "simignore"
+    stages = ("pre",)
+    signals = ("question", "text")
+    paper = "Simignore, 2024"
+    summary = "drop visual tokens with low embedding similarity to the question"
+
+    @classmethod
+    def option_defaults(cls):
+        return {"reduce": "mean"}
+
+    def select(self, tokens: Tokens) -> Plan:
+        q = tokens.question if tokens.question is not None and len(tokens.question) else tokens.text
+        if self.options["reduce"] not in ("mean", "max"):
+            raise ValueError(f"simignore option reduce must be 'mean' or 'max'; got {self.options['reduce']!r}")
+
+        def one(t: Tokens) -> Plan:
+            if q is None or not len(q):
+                s = mean_similarity(t.features)
+            else:
+                sim = normed(t.features) @ normed(q).T
+                s = sim.mean(-1) if self.options["reduce"] == "mean" else sim.max(-1).values
+            s = s.float().cpu()
+            return Plan(keep=topk_indices(s, t.budgets[0]), scores=s)
+
+        return segmentwise(tokens, one)
