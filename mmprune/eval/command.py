@@ -53,13 +53,17 @@ def config_from(args, policy: str, budget) -> object:
     )
 
 
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
 def print_run(run: dict) -> None:
     if not run:
         return
-    score = "n/a" if run.get("score") is None else f"{run['score']:.2f}"
-    print(f"{run['task']} {run['policy']}@{run['budget']}: {run['metric']} {score} on {run['n']} samples "
-          f"({run['failed']} failed); visual tokens {run['visual_tokens_kept']} of {run['visual_tokens_in']}; "
-          f"prefill {run['prefill_tflops']} TFLOPs, {run['prefill_ms']} ms")
+    print(f"{run['task']} {run['policy']}@{run['budget']}: {run['metric']} {_fmt(run.get('score'), '.2f')} on "
+          f"{run['n']} samples ({run['failed']} failed); visual tokens {_fmt(run['visual_tokens_kept'], '.1f')} of "
+          f"{_fmt(run['visual_tokens_in'], '.1f')}; prefill {_fmt(run['prefill_tflops'], '.3g')} TFLOPs, "
+          f"{_fmt(run['prefill_ms'], '.1f')} ms")
 
 
 def run(args) -> int:

@@ -1191,3 +1191,11 @@ for _cls in (
 ):  # fmt: skip
     register_task(_cls)
 del _cls
+
+# The built-in test-bed's generated tasks (no --data): registered lazily so that `mmprune tasks` lists them
+# without generating anything; importing mmprune.testbed.tasks re-registers the same classes.
+register_task(name="shapes", factory="mmprune.testbed.tasks:ShapesTask", modality="image", metric="accuracy",
+              layout="generated (built-in test-bed, test split, 500 items; no --data)", needs_data=False)
+register_task(name="motion", factory="mmprune.testbed.tasks:MotionTask", modality="video", metric="accuracy",
+              layout="generated (built-in test-bed, 500 mp4 clips written once to a cache; no --data)",
+              needs_data=False)

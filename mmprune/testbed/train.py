@@ -1,0 +1,1134 @@
+"""Train the test-bed models: ``python -m mmprune.testbed.train --model llava|qwen2vl --out DIR``.
+
+What it does, in order:
+
+1. builds the processor (tokenizer included) with :mod:`mmprune.testbed.vocab` and saves it into ``DIR``;
+2. generates the training, validation and test data deterministically (``shapes`` images for both
+   models, ``motion`` clips too for qwen2vl) with a process pool, optionally cached in ``--data-cache``;
+3. trains a fresh :func:`~mmprune.testbed.vocab.build_testbed_model` with AdamW (linear warm-up,
+   cosine decay), cross-entropy on the answer tokens only (answer + end-of-turn), the prompt built by
+   the processor's chat template exactly as the eval builds it (:func:`mmprune.testbed.tasks.chat_messages`
+   around :func:`mmprune.testbed.tasks.testbed_prompt`); qwen2vl alternates image and video batches;
+4. logs the loss and the validation accuracy per question kind (greedy ``generate``, exact match);
+5. saves ``model.safetensors`` + config + processor files with ``save_pretrained`` and
+   ``train_log.json`` (exact command, seed, steps, wall time, device, val/test accuracy per kind).
+
+Choices worth knowing:
+
+* **llava's [CLS].** The tower has 5 layers and the LLM reads the penultimate one
+  (``vision_feature_layer=-2``), as LLaVA-1.5 does; an auxiliary loss on the tower's
+  ``pooler_output`` (the last layer's [CLS]) predicts which objects the scene holds (shape-colour
+  pairs, glyphs, counts per shape). Without it nothing trains [CLS]'s attention, so [CLS]-attention
+  policies (VisionZip, FasterVLM, ...) would read noise; with it the penultimate [CLS] attention, the
+  one those policies read, learns to gather objects as in a CLIP-trained tower. qwen2vl gets the same
+  presence loss on its mean merged image token (it has no [CLS]).
+* **Dense token loss.** Every visual token the LLM reads (llava: the feature layer's patches;
+  qwen2vl: the merged tokens, video too) also classifies the object it shows, from the generator's
+  boxes (:func:`token_labels`). A ViT trained from scratch on 12-22 px objects otherwise learns very
+  slowly: without it, 3535 steps of 128 on an H100 left llava at 31% val accuracy (barely above the
+  answer priors); with it, 994 steps reached 32% and 1491 steps 36%, still climbing. Neither is near
+  the issue's targets yet: much longer GPU runs are needed. It also puts the information where the
+  objects are, which is what makes token pruning matter on this test-bed.
+* **Fast inputs, checked.** Batches are built from uint8 pixels and pre-tokenised prompts (pixels
+  normalised and patchified in torch, on the GPU when there is one) instead of calling the processor
+  per step; at start-up a few items are built both ways and compared (``fast_path_check`` in the log).
+* **Video frames.** The eval reads ``motion`` clips back from H.264 mp4 (yuv420p: chroma at half
+  resolution). Training clips get the same chroma subsampling (:func:`chroma_subsample`), so the model
+  does not meet a colour blur at test time that it never saw.
+* **Qwen2-VL speed.** transformers runs the vision attention one chunk (image or frame pair) at a time
+  in a Python loop unless flash-attention is installed, and recomputes the M-RoPE ids with a Python
+  loop over the batch on every forward; for training, equal-length chunks are batched into one SDPA
+  call and the M-RoPE ids are computed once per prompt with the model's own ``get_rope_index``
+  (both checked equal to the originals at start-up and logged; neither is part of the saved model).
+  Together 3.4x faster steps on an H100 (453 -> 134 ms at batch 128).
+* **Budget.** Defaults are the 2-CPU-core configuration; ``--time-budget`` picks the step count from the
+  measured step time (after a fixed warm-up, so the schedule equals a run with ``--steps N``, which
+  the log records as ``reproduce_command``).
+
+CPU estimate for the defaults (2 free threads; measured ~21 samples/s llava, ~28 images/s and ~16
+clips/s qwen2vl before the speed-ups above): llava 3000 steps x 16 = 48k samples ~ 38 min + data ~2 min
++ evals ~3 min ~ 43 min; qwen2vl 3000 steps alternating 16 images / 16 clips ~ 40 min + data ~2 min +
+evals ~4 min ~ 46 min. That configuration does not reach the issue's accuracy targets (the GPU runs
+above needed far more samples); train the shipped weights on a GPU with a ``--time-budget``.
+
+Example:
+    >>> main(["--model", "llava", "--out", "/tmp/tb", "--steps", "2", "--batch-size", "2",
+    ...       "--train-images", "8", "--val-items", "5", "--test-items", "5", "--tiny"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .tasks import chat_messages, normalize_answer, testbed_prompt
+
+__all__ = ["DEFAULTS", "aux_targets", "chroma_subsample", "main", "parse_args"]
+
+# The 2-core CPU configuration (see the module docstring for the time estimate).
+DEFAULTS = {
+    "llava": {"steps": 3000, "batch_size": 16, "lr": 1e-3, "train_images": 24000, "train_clips": 0},
+    "qwen2vl": {"steps": 3000, "batch_size": 16, "lr": 1e-3, "train_images": 16000, "train_clips": 12000},
+}
+# Model shapes (build_testbed_model overrides). llava: 5 tower layers, features from the penultimate.
+MODEL_OVERRIDES = {
+    "llava": {"vision_layers": 5, "vision_feature_layer": -2},
+    "qwen2vl": {},
+}
+TINY_OVERRIDES = {  # for tests: a model that trains in seconds
+    "llava": {"vision_layers": 2, "vision_feature_layer": -2, "text_layers": 1, "vision_width": 32,
+              "vision_heads": 2, "text_width": 64, "text_heads": 2, "text_kv_heads": 1, "text_mlp": 128},
+    "qwen2vl": {"vision_layers": 1, "text_layers": 1, "vision_width": 32, "vision_heads": 2, "text_width": 64,
+                "text_heads": 2, "text_kv_heads": 1, "text_mlp": 128},
+}  # fmt: skip
+IMAGE_SIZE, CLIP_FRAMES, CLIP_SIZE = 224, 16, 112
+BARE_PROMPT_FRACTION = 0.2  # some prompts are the bare question, so a terser eval prompt still works
+AUX_WEIGHT = 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Split:
+    """Generated items in arrays: ``pixels`` uint8 ``(N, H, W, 3)`` (images) or ``(N, T, H, W, 3)`` (clips)."""
+
+    name: str
+    modality: str
+    pixels: np.ndarray
+    questions: list[str]
+    answers: list[str]
+    kinds: list[str]
+    aux: np.ndarray | None = None  # (N, A) float32 object-presence targets (images only)
+    tokens: dict | None = None  # model kind -> (N, visual tokens) uint8 classes (dense auxiliary targets)
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+
+def aux_targets(metadata: dict) -> np.ndarray:
+    """Auxiliary targets of a ``shapes`` scene: shape-colour pairs present, glyphs present, count >= k per shape.
+
+    Example:
+        >>> from mmprune.testbed.shapes import render_shapes_item
+        >>> t = aux_targets(render_shapes_item("train", 0).metadata); t.shape, float(t.max())
+        ((71,), 1.0)
+    """
+    from .shapes import COLOURS, DIGITS, LETTERS, SHAPES
+
+    colours, chars = list(COLOURS), [c.lower() for c in LETTERS + DIGITS]
+    out = np.zeros(len(SHAPES) * len(colours) + len(chars) + len(SHAPES) * 5, np.float32)
+    counts = dict.fromkeys(SHAPES, 0)
+    for o in metadata["objects"]:
+        out[SHAPES.index(o["shape"]) * len(colours) + colours.index(o["colour"])] = 1.0
+        counts[o["shape"]] += 1
+    base = len(SHAPES) * len(colours)
+    for t in metadata["texts"]:
+        out[base + chars.index(t["char"])] = 1.0
+    base += len(chars)
+    for s, n in counts.items():
+        out[base + SHAPES.index(s) * 5 : base + SHAPES.index(s) * 5 + min(n, 5)] = 1.0
+    return out
+
+
+# Dense labels: each visual token's class is the object covering most of it (shape-colour pair or
+# glyph), or background. N_PATCH_CLASSES = 30 pairs + 16 glyphs + background.
+N_PATCH_CLASSES = 47
+BACKGROUND = N_PATCH_CLASSES - 1
+LLAVA_GRID, QWEN_CELL = 14, 28  # llava: 14 x 14 patches of 16 px; qwen2vl: merged tokens of 28 px
+MIN_OVERLAP = 30  # pixels of an object inside a token for the token to count as showing it
+
+
+def _object_class(shape: str, colour: str) -> int:
+    from .shapes import COLOURS, SHAPES
+
+    return SHAPES.index(shape) * len(COLOURS) + list(COLOURS).index(colour)
+
+
+def _char_class(char: str) -> int:
+    from .shapes import DIGITS, LETTERS
+
+    return 30 + [c.lower() for c in LETTERS + DIGITS].index(char)
+
+
+def token_labels(boxes: list[tuple[list[int], int]], size: int, cell: int) -> np.ndarray:
+    """``(size // cell) ** 2`` token classes in raster order from ``(box, class)`` pairs (largest overlap wins).
+
+    Example:
+        >>> token_labels([([0, 0, 16, 16], 3)], 32, 16).tolist()
+        [3, 46, 46, 46]
+    """
+    g = size // cell
+    best = np.zeros((g, g), np.int64)
+    out = np.full((g, g), BACKGROUND, np.uint8)
+    edges = np.arange(g + 1) * cell
+    for (x0, y0, x1, y1), cls in boxes:
+        ox = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None)
+        oy = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, None)
+        area = oy[:, None] * ox[None, :]
+        win = (area >= MIN_OVERLAP) & (area > best)
+        out[win], best[win] = cls, area[win]
+    return out.reshape(-1)
+
+
+def shapes_token_labels(metadata: dict, cell: int) -> np.ndarray:
+    """Token classes of a ``shapes`` scene for tokens of ``cell`` pixels."""
+    boxes = [(o["box"], _object_class(o["shape"], o["colour"])) for o in metadata["objects"]]
+    boxes += [(t["box"], _char_class(t["char"])) for t in metadata["texts"]]
+    return token_labels(boxes, metadata["image_size"], cell)
+
+
+def motion_token_labels(metadata: dict, temporal_patch: int = 2) -> np.ndarray:
+    """Token classes of a ``motion`` clip: per temporal patch (its first frame), 28-px cells in raster order."""
+    frames, size = metadata["frames"], metadata["size"]
+    out = []
+    for t in range(0, frames, temporal_patch):
+        boxes = []
+        for o in metadata["objects"]:
+            box = o["boxes"][t]
+            if box is None:
+                continue
+            changed = o["change_frame"] is not None and t >= o["change_frame"]
+            boxes.append((box, _object_class(o["shape"], o["colour_after"] if changed else o["colour"])))
+        out.append(token_labels(boxes, size, QWEN_CELL))
+    return np.concatenate(out)
+
+
+def _render_shape(args: tuple[str, int, int]) -> tuple:
+    from .shapes import render_shapes_item
+
+    split, index, seed = args
+    it = render_shapes_item(split, index, image_size=IMAGE_SIZE, seed=seed)
+    labels = {
+        "llava": shapes_token_labels(it.metadata, IMAGE_SIZE // LLAVA_GRID),
+        "qwen2vl": shapes_token_labels(it.metadata, QWEN_CELL),
+    }
+    return (
+        np.asarray(it.image, dtype=np.uint8),
+        it.question,
+        it.answer,
+        it.kind,
+        aux_targets(it.metadata),
+        labels,
+    )
+
+
+def _render_clip(args: tuple[str, int, int]) -> tuple:
+    from .motion import render_motion_clip
+
+    split, index, seed = args
+    frames, it = render_motion_clip(split, index, frames=CLIP_FRAMES, size=CLIP_SIZE, seed=seed)
+    return frames, it.question, it.answer, it.kind, None, {"qwen2vl": motion_token_labels(it.metadata)}
+
+
+def generate_split(
+    modality: str, split: str, n: int, seed: int = 0, workers: int = 1, cache: str | os.PathLike | None = None
+) -> Split:
+    """Items ``0 .. n-1`` of ``split`` (``shapes`` for images, ``motion`` for videos) as arrays.
+
+    Generation is per item and seeded by (seed, split, index), so the result does not depend on
+    ``workers``; with ``cache`` the arrays are stored there (``.npy`` + ``.json``) and reused.
+
+    Example:
+        >>> s = generate_split("image", "validation", 3); s.pixels.shape, s.kinds
+        ((3, 224, 224, 3), ['colour', 'count', 'position'])
+    """
+    fn = _render_shape if modality == "image" else _render_clip
+    shape = (IMAGE_SIZE, IMAGE_SIZE, 3) if modality == "image" else (CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE, 3)
+    name = f"{'shapes' if modality == 'image' else 'motion'}-{split}-n{n}-seed{seed}"
+    if cache is not None:
+        from .motion import _VERSION
+
+        name += f"-v{_VERSION}"
+        cache = Path(cache)
+        npy, meta = cache / f"{name}.npy", cache / f"{name}.json"
+        if npy.exists() and meta.exists():
+            m = json.loads(meta.read_text())
+            aux = np.asarray(m["aux"], np.float32) if m.get("aux") is not None else None
+            tokens = {k: np.asarray(v, np.uint8) for k, v in m["tokens"].items()}
+            return Split(
+                name,
+                modality,
+                np.load(npy, mmap_mode="r"),
+                m["questions"],
+                m["answers"],
+                m["kinds"],
+                aux,
+                tokens,
+            )
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{name}.{os.getpid()}.npy"
+        pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
+    else:
+        pixels = np.empty((n, *shape), np.uint8)
+    questions, answers, kinds, aux, tokens = [], [], [], [], []
+    jobs = [(split, i, seed) for i in range(n)]
+    if workers > 1 and n > 64:
+        ctx = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        )
+        with ctx.Pool(workers) as pool:
+            results = pool.imap(
+                fn, jobs, chunksize=32
+            )  # imap keeps the order: results do not depend on workers
+            for i, r in enumerate(results):
+                pixels[i] = r[0]
+                questions.append(r[1]), answers.append(r[2]), kinds.append(r[3]), aux.append(r[4])
+                tokens.append(r[5])
+    else:
+        for i, job in enumerate(jobs):
+            r = fn(job)
+            pixels[i] = r[0]
+            questions.append(r[1]), answers.append(r[2]), kinds.append(r[3]), aux.append(r[4])
+            tokens.append(r[5])
+    aux_arr = np.stack(aux) if modality == "image" and n else None
+    token_arr = {k: np.stack([t[k] for t in tokens]) for k in (tokens[0] if tokens else {})}
+    if cache is not None:
+        pixels.flush()
+        del pixels
+        os.replace(tmp, npy)
+        meta.write_text(
+            json.dumps(
+                {
+                    "questions": questions,
+                    "answers": answers,
+                    "kinds": kinds,
+                    "aux": aux_arr.tolist() if aux_arr is not None else None,
+                    "tokens": {k: v.tolist() for k, v in token_arr.items()},
+                }
+            )
+        )
+        pixels = np.load(npy, mmap_mode="r")
+    return Split(name, modality, pixels, questions, answers, kinds, aux_arr, token_arr)
+
+
+def chroma_subsample(frames):
+    """What H.264 yuv420p does to colour: BT.601 chroma averaged over 2x2 pixels, luma kept.
+
+    Works on uint8 ``(..., H, W, 3)`` numpy arrays or torch tensors (any device); returns the same type.
+
+    Example:
+        >>> x = np.zeros((1, 4, 4, 3), np.uint8); x[0, 0, 0] = (255, 0, 0)
+        >>> y = chroma_subsample(x); y[0, 0, 0].tolist() != [255, 0, 0], y.dtype
+        (True, dtype('uint8'))
+    """
+    import torch
+
+    is_np = isinstance(frames, np.ndarray)
+    x = torch.from_numpy(np.array(frames)) if is_np else frames  # a copy: cached clips are read-only
+    x = x.to(torch.float32)
+    r, g, b = x.unbind(-1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb, cr = (b - y) * 0.564, (r - y) * 0.713
+    h, w = x.shape[-3], x.shape[-2]
+
+    def down_up(c):
+        lead = c.shape[:-2]
+        c = c.reshape(*lead, h // 2, 2, w // 2, 2).mean(dim=(-3, -1))
+        return c.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+
+    cb, cr = down_up(cb), down_up(cr)
+    r = y + 1.403 * cr
+    b = y + 1.773 * cb
+    g = (y - 0.299 * r - 0.114 * b) / 0.587
+    out = torch.stack([r, g, b], dim=-1).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return out.numpy() if is_np else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts, tokens and pixels
+
+
+class Encoder:
+    """Turns items into model inputs the way the processor does, but from uint8 tensors and cached ids."""
+
+    def __init__(self, model_kind: str, processor, device):
+        import torch
+
+        self.kind, self.processor, self.device = model_kind, processor, device
+        tok = processor.tokenizer
+        self.tok = tok
+        self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
+        ip = processor.image_processor
+        self.mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(ip.image_std, dtype=torch.float32, device=device)
+        if model_kind == "llava":
+            self.media_token = {"image": tok.convert_tokens_to_ids("<image>")}
+            self.media_count = {"image": (IMAGE_SIZE // processor.patch_size) ** 2}
+        else:
+            self.p, self.tp, self.m = ip.patch_size, ip.temporal_patch_size, ip.merge_size
+            self.media_token = {
+                "image": tok.convert_tokens_to_ids("<|image_pad|>"),
+                "video": tok.convert_tokens_to_ids("<|video_pad|>"),
+            }
+            g = IMAGE_SIZE // self.p
+            self.media_count = {
+                "image": g * g // self.m**2,
+                "video": (CLIP_FRAMES // self.tp) * (CLIP_SIZE // self.p) ** 2 // self.m**2,
+            }
+        self._prompt_cache: dict[tuple[str, str, bool], list[int]] = {}
+        self._answer_cache: dict[str, list[int]] = {}
+        # qwen2vl: M-RoPE ids per prompt, computed once with the model's own get_rope_index (which loops
+        # in Python over the batch on every forward otherwise); set by enable_fast_positions.
+        self.rope_index = None
+        self._position_cache: dict[tuple[str, str, bool], Any] = {}
+
+    def prompt_text(self, question: str, modality: str, bare: bool = False) -> str:
+        prompt = question if bare else testbed_prompt(question)
+        return self.processor.apply_chat_template(
+            chat_messages(prompt, modality), add_generation_prompt=True, tokenize=False
+        )
+
+    def prompt_ids(self, question: str, modality: str, bare: bool = False) -> list[int]:
+        key = (question, modality, bare)
+        if key not in self._prompt_cache:
+            ids = self.tok(self.prompt_text(question, modality, bare), add_special_tokens=False)["input_ids"]
+            media, count = self.media_token[modality], self.media_count[modality]
+            out: list[int] = []
+            for t in ids:  # the processor repeats the media placeholder once per visual token
+                out.extend([t] * count if t == media else [t])
+            self._prompt_cache[key] = out
+        return self._prompt_cache[key]
+
+    def prompt_positions(self, question: str, modality: str, bare: bool):
+        """``(3, len(prompt))`` M-RoPE position ids of one unpadded prompt (qwen2vl)."""
+        import torch
+
+        key = (question, modality, bool(bare))
+        if key not in self._position_cache:
+            ids = torch.tensor([self.prompt_ids(question, modality, bare)])
+            grid = {
+                "image": [[1, IMAGE_SIZE // self.p, IMAGE_SIZE // self.p]],
+                "video": [[CLIP_FRAMES // self.tp, CLIP_SIZE // self.p, CLIP_SIZE // self.p]],
+            }[modality]
+            grids = {f"{modality}_grid_thw": torch.tensor(grid)}
+            pos, _ = self.rope_index(
+                ids, self.mm_token_types(ids), attention_mask=torch.ones_like(ids), **grids
+            )
+            self._position_cache[key] = pos[:, 0].cpu()
+        return self._position_cache[key]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        if answer not in self._answer_cache:
+            self._answer_cache[answer] = self.tok(answer, add_special_tokens=False)["input_ids"] + [
+                self.eos_id
+            ]
+        return self._answer_cache[answer]
+
+    def text_batch(self, questions, answers, modality, bare):
+        """Left-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside answer + eos)."""
+        import torch
+
+        seqs, labs = [], []
+        for q, a, b in zip(questions, answers, bare):
+            p, ans = self.prompt_ids(q, modality, bool(b)), self.answer_ids(a)
+            seqs.append(p + ans)
+            labs.append([-100] * len(p) + ans)
+        n = max(map(len, seqs))
+        ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        labels = torch.full((len(seqs), n), -100, dtype=torch.long)
+        for i, (s, lab) in enumerate(zip(seqs, labs)):
+            ids[i, n - len(s) :] = torch.tensor(s)
+            mask[i, n - len(s) :] = 1
+            labels[i, n - len(s) :] = torch.tensor(lab)
+        return ids.to(self.device), mask.to(self.device), labels.to(self.device)
+
+    def pixels(self, x, modality: str) -> dict:
+        """Model pixel inputs from uint8 ``(B, H, W, 3)`` images or ``(B, T, H, W, 3)`` clips (torch, on device)."""
+        import torch
+
+        x = x.to(self.device, non_blocking=True).to(torch.float32)
+        # transformers fuses rescale and normalise the same way: (x - 255 mean) / (255 std)
+        x = (x - self.mean * 255.0) / (self.std * 255.0)
+        if self.kind == "llava":
+            return {"pixel_values": x.permute(0, 3, 1, 2).contiguous()}
+        if modality == "image":
+            x = x[:, None].expand(-1, self.tp, -1, -1, -1)  # an image is its own temporal pair
+        b, t, h, w, c = x.shape
+        p, tp, m = self.p, self.tp, self.m
+        gt, gh, gw = t // tp, h // p, w // p
+        # Qwen2VL's patch order: (t, h/m, w/m, m, m) tokens of (C, tp, p, p) values
+        x = x.permute(0, 1, 4, 2, 3).reshape(b, gt, tp, c, gh // m, m, p, gw // m, m, p)
+        x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(b * gt * gh * gw, c * tp * p * p)
+        grid = torch.tensor([[gt, gh, gw]] * b, dtype=torch.long, device=self.device)
+        if modality == "image":
+            return {"pixel_values": x, "image_grid_thw": grid}
+        return {"pixel_values_videos": x, "video_grid_thw": grid}
+
+    def batch(self, split: Split, idx: np.ndarray, bare: np.ndarray, pixels) -> dict:
+        """Training inputs for items ``idx`` of ``split`` whose uint8 pixels are ``pixels`` (a tensor)."""
+        import torch
+
+        qs = [split.questions[i] for i in idx]
+        ans = [split.answers[i] for i in idx]
+        ids, mask, labels = self.text_batch(qs, ans, split.modality, bare)
+        positions = None
+        if self.rope_index is not None:
+            positions = torch.ones((3, *ids.shape), dtype=torch.long)  # padding gets 1, as get_rope_index
+            for i, (q, a, b) in enumerate(zip(qs, ans, bare)):
+                pp = self.prompt_positions(q, split.modality, b)
+                n_ans = len(self.answer_ids(a))
+                tail = pp.max() + 1 + torch.arange(n_ans)
+                full = torch.cat([pp, tail[None].expand(3, -1)], dim=1)
+                positions[:, i, ids.shape[1] - full.shape[1] :] = full
+        out = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            **self.pixels(pixels, split.modality),
+        }
+        if self.kind == "llava":  # as generate does: positions count real tokens only (left padding)
+            out["position_ids"] = (mask.cumsum(-1) - 1).clamp_(min=0)
+        else:  # what Qwen2VLProcessor returns for M-RoPE: 1 on image tokens, 2 on video tokens
+            out["mm_token_type_ids"] = self.mm_token_types(ids)
+            if positions is not None:
+                out["position_ids"] = positions.to(self.device)
+        return out
+
+    def mm_token_types(self, ids):
+        types = (ids == self.media_token["image"]).long()
+        return types + 2 * (ids == self.media_token["video"]).long()
+
+
+def fast_path_check(encoder: Encoder, splits: dict[str, Split]) -> dict:
+    """Build two items of each modality with the processor and with :class:`Encoder`; report differences."""
+    import torch
+
+    report = {}
+    proc = encoder.processor
+    for modality, split in splits.items():
+        idx = np.arange(min(2, len(split)))
+        texts = [encoder.prompt_text(split.questions[i], modality) for i in idx]
+        raw = [np.asarray(split.pixels[i]) for i in idx]
+        if modality == "video":
+            raw = [chroma_subsample(r) for r in raw]
+        if modality == "image":
+            from PIL import Image
+
+            ref = proc(
+                text=texts, images=[Image.fromarray(r) for r in raw], padding=True, return_tensors="pt"
+            )
+        else:
+            ref = proc(text=texts, videos=raw, padding=True, return_tensors="pt")
+        ids, mask, _ = encoder.text_batch(
+            [split.questions[i] for i in idx], [split.answers[i] for i in idx], modality, [False] * len(idx)
+        )
+        pix = encoder.pixels(torch.from_numpy(np.stack(raw)), modality)
+        ids_ok = True
+        for j in range(len(idx)):  # compare the unpadded prompt part
+            a = ref["input_ids"][j][ref["attention_mask"][j].bool()].tolist()
+            b = ids[j][mask[j].bool()].tolist()[: -len(encoder.answer_ids(split.answers[idx[j]]))]
+            ids_ok &= a == b
+        if "mm_token_type_ids" in ref:
+            for j in range(len(idx)):
+                a = ref["mm_token_type_ids"][j][ref["attention_mask"][j].bool()].tolist()
+                b = encoder.mm_token_types(ids)[j][mask[j].bool()].tolist()[: len(a)]
+                ids_ok &= a == b
+        key = next(k for k in pix if k.startswith("pixel_values"))
+        diff = (ref[key].to(torch.float32) - pix[key].cpu()).abs().max().item()
+        grid_ok = True
+        for g in ("image_grid_thw", "video_grid_thw"):
+            if g in pix:
+                grid_ok = ref[g].tolist() == pix[g].cpu().tolist()
+        report[modality] = {
+            "input_ids_equal": bool(ids_ok),
+            "max_abs_pixel_diff": diff,
+            "grid_equal": grid_ok,
+        }
+    return report
+
+
+def enable_fast_positions(model, encoder: Encoder, splits: dict[str, Split]) -> dict:
+    """Use cached M-RoPE ids (qwen2vl) if the loss equals the model's own computation on a padded batch."""
+    import torch
+
+    report: dict[str, Any] = {"installed": False}
+    encoder.rope_index = model.model.get_rope_index
+    try:
+        diffs = []
+        with torch.no_grad():
+            for split in splits.values():
+                idx = np.arange(min(2, len(split)))
+                bare = np.array([True, False][: len(idx)])  # two prompt lengths: left padding is exercised
+                pix = torch.from_numpy(np.stack([np.asarray(split.pixels[i]) for i in idx]))
+                batch = encoder.batch(split, idx, bare, pix)
+                fast = model(**batch).logits
+                batch.pop("position_ids")
+                ref = model(**batch).logits
+                keep = batch["attention_mask"].bool()
+                diffs.append((fast - ref)[keep].abs().max().item())
+        report["max_abs_logit_diff"] = max(diffs)
+        report["installed"] = max(diffs) <= 1e-4
+    except Exception as err:  # pragma: no cover - another transformers version
+        report["error"] = f"{type(err).__name__}: {err}"
+    if not report["installed"]:
+        encoder.rope_index = None
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model helpers
+
+
+def _batched_vision_attention(
+    self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs
+):
+    """Qwen2-VL ``VisionAttention.forward`` for equal-length chunks: one SDPA call instead of a loop."""
+    import torch
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as qm
+
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    n_chunks, chunk = lengths.numel(), int(lengths[0])
+    if chunk * n_chunks != hidden_states.shape[0] or not bool((lengths == chunk).all()):
+        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+    seq = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = qm.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k, v = (t.reshape(n_chunks, chunk, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+    return self.proj(out.transpose(1, 2).reshape(seq, -1))
+
+
+def patch_qwen_vision_attention(model, encoder: Encoder, image_split: Split | None) -> dict:
+    """Install :func:`_batched_vision_attention` on every vision block if it reproduces the original."""
+    import types
+
+    import torch
+
+    attns = [blk.attn for blk in model.model.visual.blocks]
+    report: dict[str, Any] = {"installed": False}
+    if image_split is None or not len(image_split):
+        return report
+    px = encoder.pixels(torch.from_numpy(np.asarray(image_split.pixels[:2])), "image")
+    with torch.no_grad():
+        ref = model.model.visual(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output
+        for a in attns:
+            a.forward = types.MethodType(_batched_vision_attention, a)
+        try:
+            new = model.model.visual(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output
+            diff = (ref - new).abs().max().item()
+        except Exception as err:  # pragma: no cover - a transformers version with another signature
+            diff, report["error"] = float("inf"), f"{type(err).__name__}: {err}"
+    report["max_abs_diff"] = diff
+    if diff <= 1e-4:
+        report["installed"] = True
+    else:  # pragma: no cover - keep the original when it does not match
+        for a in attns:
+            del a.forward
+    return report
+
+
+def unpatch_qwen_vision_attention(model) -> None:
+    for blk in getattr(getattr(model.model, "visual", None), "blocks", []):
+        if "forward" in blk.attn.__dict__:
+            del blk.attn.forward
+
+
+class AuxHead:
+    """Auxiliary vision losses (training only; the heads are not saved with the model).
+
+    * presence: multi-label object presence (:func:`aux_targets`) from llava's ``pooler_output`` (the
+      last layer's [CLS], post-norm) or qwen2vl's mean merged token of each image;
+    * dense: each visual token the LLM reads (llava: the feature layer's patch tokens; qwen2vl: the
+      merged tokens, frames too) classifies the object it shows (:func:`token_labels`). This supervises
+      every token with where the objects are, which a ViT trained from scratch otherwise learns very slowly.
+
+    A forward hook on the vision tower captures the features during the model's own forward pass.
+    """
+
+    def __init__(self, model, kind: str, n_presence: int, device):
+        import torch
+
+        self.kind = kind
+        self.pooled = self.tokens = None
+        if kind == "llava":
+            module, width = model.model.vision_tower, model.config.vision_config.hidden_size
+            self.feature_layer = model.config.vision_feature_layer
+        else:
+            module, width = model.model.visual, model.config.text_config.hidden_size
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(12345)  # the heads' init must not depend on (or shift) the model's RNG stream
+        self.presence = torch.nn.Linear(width, n_presence).to(device)
+        self.dense = torch.nn.Linear(width, N_PATCH_CLASSES).to(device)
+        torch.random.set_rng_state(generator_state)
+        # Background is ~90% of the tokens: weigh it down so objects dominate the dense loss.
+        self.class_weight = torch.ones(N_PATCH_CLASSES, device=device)
+        self.class_weight[BACKGROUND] = 0.2
+        module.register_forward_hook(self._hook)
+
+    def parameters(self):
+        return list(self.presence.parameters()) + list(self.dense.parameters())
+
+    def _hook(self, module, args, output):
+        if self.kind == "llava":
+            self.pooled = output.pooler_output
+            hs = getattr(output, "hidden_states", None)
+            self.tokens = hs[self.feature_layer][:, 1:] if hs is not None else None
+        else:
+            out = output.pooler_output if hasattr(output, "pooler_output") else output
+            self.tokens = out if hasattr(out, "shape") else None
+            self.pooled = None
+        return None  # a returned value would replace the output
+
+    def loss(self, presence_targets, token_targets, n_items: int):
+        """Sum of the presence loss (images) and the dense loss; None when the hook saw nothing."""
+        import torch.nn.functional as F
+
+        pooled, tokens = self.pooled, self.tokens
+        self.pooled = self.tokens = None
+        total = None
+        if tokens is not None and token_targets is not None:
+            logits = self.dense(tokens.reshape(-1, tokens.shape[-1]))
+            total = F.cross_entropy(logits, token_targets.reshape(-1).long(), weight=self.class_weight)
+        if presence_targets is not None and tokens is not None:
+            if pooled is None:  # qwen2vl: mean merged token per image
+                pooled = tokens.reshape(n_items, -1, tokens.shape[-1]).mean(dim=1)
+            p = F.binary_cross_entropy_with_logits(self.presence(pooled), presence_targets)
+            total = p if total is None else total + p
+        return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model, processor, split: Split, device, batch_size: int = 64, limit: int | None = None) -> dict:
+    """Greedy ``generate`` through the processor (as the eval runs it); exact match per kind and overall.
+
+    Video clips get :func:`chroma_subsample` (the eval reads them from mp4).
+    """
+    import torch
+    from PIL import Image
+
+    was_training = model.training
+    model.eval()
+    n = len(split) if limit is None else min(limit, len(split))
+    hits: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            idx = range(s, min(n, s + batch_size))
+            texts = [
+                processor.apply_chat_template(
+                    chat_messages(testbed_prompt(split.questions[i]), split.modality),
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+                for i in idx
+            ]
+            if split.modality == "image":
+                media = {"images": [Image.fromarray(np.asarray(split.pixels[i])) for i in idx]}
+            else:
+                media = {"videos": [chroma_subsample(np.asarray(split.pixels[i])) for i in idx]}
+            inputs = processor(text=texts, padding=True, return_tensors="pt", **media).to(device)
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            preds = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, p in zip(idx, preds):
+                hits.setdefault(split.kinds[i], []).append(float(normalize_answer(p) == split.answers[i]))
+    model.train(was_training)
+    per_kind = {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}
+    total = sum(sum(v) for v in hits.values()) / max(1, sum(len(v) for v in hits.values()))
+    return {"accuracy": round(total, 4), "per_kind": per_kind, "n": n}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (``--help`` lists them).
+
+    Example:
+        >>> a = parse_args(["--model", "llava", "--out", "x"]); a.steps, a.batch_size
+        (3000, 16)
+    """
+    ap = argparse.ArgumentParser(prog="python -m mmprune.testbed.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("llava", "qwen2vl"), required=True)
+    ap.add_argument("--out", required=True, help="folder for the model, processor and train_log.json")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default: the CPU configuration's)"
+    )
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds for the training loop: sets --steps from the measured step time (ignored with --steps)",
+    )
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument(
+        "--data-cache", default=None, help="folder to keep generated data in (reused when present)"
+    )
+    ap.add_argument("--train-images", type=int, default=None, help="distinct shapes training images")
+    ap.add_argument("--train-clips", type=int, default=None, help="distinct motion training clips (qwen2vl)")
+    ap.add_argument("--val-items", type=int, default=250, help="validation items per task")
+    ap.add_argument("--test-items", type=int, default=500, help="test items per task (the eval's 500)")
+    ap.add_argument("--evals", type=int, default=6, help="validation evaluations during training")
+    ap.add_argument("--log-every", type=int, default=100, help="steps between loss records")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="data generation processes (default: CPU count)"
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--aux-weight", type=float, default=AUX_WEIGHT)
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="hard limit for the whole run: training stops early (logged) to leave time for the test",
+    )
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (tests only)")
+    args = ap.parse_args(argv)  # fmt: skip
+    d = DEFAULTS[args.model]
+    if args.steps is None and args.time_budget is None:
+        args.steps = d["steps"]
+    for k in ("batch_size", "lr", "train_images", "train_clips"):
+        if getattr(args, k) is None:
+            setattr(args, k, d[k])
+    if args.model == "llava":
+        args.train_clips = 0
+    return args
+
+
+def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _command(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return "python -m mmprune.testbed.train " + " ".join(shlex.quote(a) for a in args)
+
+
+def _reproduce(argv: list[str] | None, steps: int) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in ("--time-budget", "--steps"):
+            skip = True
+            continue
+        if a.startswith(("--time-budget=", "--steps=")):
+            continue
+        out.append(a)
+    return "python -m mmprune.testbed.train " + " ".join(
+        shlex.quote(a) for a in out + ["--steps", str(steps)]
+    )
+
+
+def build_processor(kind: str, out: Path):
+    """The test-bed processor, saved into ``out``; its Qwen2-VL video processor is always the torchvision-free one.
+
+    Other transformers versions may fail to *reload* a Qwen2-VL processor (the saved files are fine):
+    then the processor is assembled in memory from the same parts, as ``build_qwen2vl_processor`` does.
+    """
+    from . import vocab
+
+    if kind == "llava":
+        return vocab.build_llava_processor(out)
+    try:
+        processor = vocab.build_qwen2vl_processor(out)
+    except Exception as err:  # any reload failure: the parts themselves are version-independent
+        print(f"reloading the saved Qwen2-VL processor failed ({type(err).__name__}: {err}); assembling it")
+        processor = vocab._make_processor(
+            "Qwen2VLProcessor",
+            image_processor=vocab._pil_image_processor(
+                "Qwen2VLImageProcessor", min_pixels=56 * 56, max_pixels=28 * 28 * 256
+            ),
+            tokenizer=vocab.build_tokenizer("qwen2vl"),
+            video_processor=vocab.Qwen2VLVideoProcessorNoTV(min_pixels=56 * 56, max_pixels=28 * 28 * 256),
+            chat_template=vocab.CHAT_TEMPLATES["qwen2vl"],
+        )
+    # Same video path everywhere (transformers' own needs torchvision; this one is checked equal to it).
+    if not isinstance(processor.video_processor, vocab.Qwen2VLVideoProcessorNoTV):
+        size = processor.video_processor.size
+        processor.video_processor = vocab.Qwen2VLVideoProcessorNoTV(
+            min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"]
+        )
+    return processor
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the training; returns the log written to ``OUT/train_log.json``."""
+    args = parse_args(argv)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, before CUDA starts
+    import torch
+    import transformers
+
+    from . import vocab
+
+    t_start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # tiny matmuls; TF32 keeps them fast and deterministic
+        torch.backends.cudnn.allow_tf32 = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = args.workers or os.cpu_count() or 1
+
+    def log(msg: str) -> None:
+        print(f"[{args.model} {time.time() - t_start:7.1f}s] {msg}", flush=True)
+
+    # -- processor and data ------------------------------------------------------------------------
+    processor = build_processor(args.model, out)
+    t0 = time.time()
+    train = {
+        "image": generate_split("image", "train", args.train_images, args.seed, workers, args.data_cache)
+    }
+    val = {
+        "image": generate_split("image", "validation", args.val_items, args.seed, workers, args.data_cache)
+    }
+    test = {"image": generate_split("image", "test", args.test_items, 0, workers, args.data_cache)}
+    if args.model == "qwen2vl":
+        train["video"] = generate_split(
+            "video", "train", args.train_clips, args.seed, workers, args.data_cache
+        )
+        val["video"] = generate_split(
+            "video", "validation", args.val_items, args.seed, workers, args.data_cache
+        )
+        test["video"] = generate_split("video", "test", args.test_items, 0, workers, args.data_cache)
+    data_seconds = time.time() - t0
+    log(f"data: {', '.join(f'{k} {len(v)}' for k, v in train.items())} train items in {data_seconds:.0f}s")
+
+    # -- model ---------------------------------------------------------------------------------------
+    overrides = dict(TINY_OVERRIDES[args.model] if args.tiny else MODEL_OVERRIDES[args.model])
+    model = vocab.build_testbed_model(args.model, processor.tokenizer, seed=args.seed, **overrides).to(device)
+    encoder = Encoder(args.model, processor, device)
+    check = fast_path_check(encoder, {k: v for k, v in val.items()})
+    log(f"fast path vs processor: {check}")
+    vision_patch = (
+        patch_qwen_vision_attention(model, encoder, train["image"]) if args.model == "qwen2vl" else {}
+    )
+    fast_positions = enable_fast_positions(model, encoder, val) if args.model == "qwen2vl" else {}
+    log(f"vision attention patch: {vision_patch}; cached M-RoPE ids: {fast_positions}")
+    aux = AuxHead(model, args.model, train["image"].aux.shape[1], device) if args.aux_weight > 0 else None
+    params = list(model.parameters()) + (aux.parameters() if aux else [])
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        **({"fused": True} if use_cuda else {}),
+    )
+
+    # Whole datasets on the GPU as uint8 (a few GB): batches are then pure indexing.
+    on_device = {}
+    if use_cuda:
+        for k, s in train.items():
+            on_device[k] = torch.from_numpy(np.ascontiguousarray(s.pixels)).to(device)
+    aux_t = {k: torch.from_numpy(s.aux).to(device) for k, s in train.items() if s.aux is not None}
+    tok_t = {k: torch.from_numpy(s.tokens[args.model]).to(device) for k, s in train.items()}
+
+    rng = np.random.default_rng(args.seed)
+    modalities = list(train)
+    order = {k: np.empty(0, np.int64) for k in modalities}
+    cursor = dict.fromkeys(modalities, 0)
+
+    def next_indices(modality: str) -> np.ndarray:
+        # Epoch-wise permutations from one seeded generator: the data order depends on the seed only.
+        if cursor[modality] + args.batch_size > len(order[modality]):
+            rest = order[modality][cursor[modality] :]
+            order[modality] = np.concatenate([rest, rng.permutation(len(train[modality]))])
+            cursor[modality] = 0
+        idx = order[modality][cursor[modality] : cursor[modality] + args.batch_size]
+        cursor[modality] += args.batch_size
+        return idx
+
+    total = args.steps
+    # Step time is measured over steps [probe_from, probe): the first ones pay for CUDA start-up.
+    probe = max(2, min(60, args.warmup // 2))
+    probe_from = max(1, probe // 3)
+    history, window = [], []
+    eval_seconds, eval_points = 0.0, set()
+
+    def schedule_evals(total_steps: int) -> set[int]:
+        return {round(total_steps * (i + 1) / args.evals) for i in range(max(0, args.evals - 1))}
+
+    if total is not None:
+        eval_points = schedule_evals(total)
+
+    def run_val(step: int) -> dict:
+        nonlocal eval_seconds
+        t = time.time()
+        res = {k: evaluate(model, processor, val[k], device) for k in modalities}
+        eval_seconds += time.time() - t
+        return res
+
+    task_name = {"image": "shapes", "video": "motion"}
+
+    def history_evals() -> list[dict]:
+        return [h for h in history if "val" in h]
+
+    def write_log(step: int, final: dict, test_seconds: float, complete: bool) -> dict:
+        """train_log.json: written at every checkpoint (complete=False) and at the end."""
+        record = {
+            "model": args.model,
+            "complete": complete,
+            "stopped_early": stopped_early,
+            "command": _command(argv),
+            "reproduce_command": _reproduce(argv, step),
+            "seed": args.seed,
+            "steps": step,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "warmup": args.warmup,
+            "weight_decay": args.weight_decay,
+            "aux_weight": args.aux_weight,
+            "bare_prompt_fraction": BARE_PROMPT_FRACTION,
+            "train_items": {task_name[k]: len(v) for k, v in train.items()},
+            "device": torch.cuda.get_device_name(device)
+            if use_cuda
+            else f"cpu ({torch.get_num_threads()} threads)",
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },  # fmt: skip
+            "wall_seconds": {
+                "total": round(time.time() - t_start, 1),
+                "data": round(data_seconds, 1),
+                "train": round(time.time() - t_train, 1) if complete is False else round(train_seconds, 1),
+                "val_evals": round(eval_seconds, 1),
+                "test": round(test_seconds, 1),
+            },  # fmt: skip
+            "ms_per_step_median": round(1000 * float(np.median(step_times)), 1) if step_times else None,
+            "model_overrides": overrides,
+            "parameters": vocab.count_parameters(model),
+            "fast_path_check": check,
+            "vision_attention_patch": vision_patch,
+            "cached_mrope_positions": fast_positions,
+            "motion_frames": "rendered frames with yuv420 chroma subsampling (eval reads mp4)"
+            if "video" in train
+            else None,
+            "val": {task_name[k]: v for k, v in final.get("val", {}).items()},
+            "test": {task_name[k]: v for k, v in final.get("test", {}).items()},
+            "history": history,
+        }
+        (out / "train_log.json").write_text(json.dumps(record, indent=1))
+        return record
+
+    model.train()
+    torch.manual_seed(args.seed + 1)  # dropout-free model; this only pins any stray randomness
+    t_train = time.time()
+    step_times: list[float] = []
+    step = 0
+    train_seconds = 0.0
+    stopped_early = False
+    while total is None or step < total:
+        if args.max_seconds is not None and step > 0:
+            # Leave room for saving and the test evaluation (two val evaluations' worth, plus a margin).
+            reserve = 30.0 + 2.5 * eval_seconds / max(1, len(history_evals()))
+            if time.time() - t_start > args.max_seconds - reserve:
+                stopped_early = True
+                log(f"--max-seconds {args.max_seconds:.0f}: stopping at step {step} of {total}")
+                break
+        modality = modalities[step % len(modalities)]
+        idx = next_indices(modality)
+        bare = rng.random(len(idx)) < BARE_PROMPT_FRACTION
+        idx_t = torch.from_numpy(idx)
+        if modality in on_device:
+            pix = on_device[modality][idx_t.to(device)]
+        else:
+            pix = torch.from_numpy(np.stack([np.asarray(train[modality].pixels[i]) for i in idx]))
+        if modality == "video":
+            pix = chroma_subsample(pix)
+        batch = encoder.batch(train[modality], idx, bare, pixels=pix)
+        lr = _lr_at(step, total if total is not None else 10**9, args.warmup, args.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        t_step = time.time()
+        outputs = model(**batch)
+        loss = outputs.loss
+        aux_loss = None
+        if aux is not None:
+            targets = aux_t[modality][idx_t.to(device)] if modality in aux_t else None
+            aux_loss = aux.loss(targets, tok_t[modality][idx_t.to(device)], len(idx))
+        total_loss = loss + args.aux_weight * aux_loss if aux_loss is not None else loss
+        opt.zero_grad(set_to_none=True)
+        total_loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        window.append((modality, loss.item(), aux_loss.item() if aux_loss is not None else None))
+        step_times.append(time.time() - t_step)
+        step += 1
+        if step == probe_from:
+            t_probe = time.time()
+        if total is None and step == probe:
+            # Choose the step count from the budget: the warm-up so far is the same for any total.
+            per_step = (time.time() - t_probe) / (probe - probe_from)
+            t = time.time()
+            history.append({"step": step, "val": run_val(step)})  # also measures what an evaluation costs
+            per_eval = time.time() - t
+            budget = args.time_budget - (time.time() - t_train) - per_eval * (args.evals - 1)
+            total = max(step + 1, step + int(budget / per_step))
+            total = max(total, args.warmup + 1)
+            eval_points = schedule_evals(total)
+            log(
+                f"time budget {args.time_budget:.0f}s: {per_step * 1000:.0f} ms/step, eval {per_eval:.1f}s -> {total} steps"
+            )
+        if (
+            step in eval_points
+            or step == total
+            or (step % args.log_every == 0 and total is not None and step < total)
+        ):
+            rec = {"step": step, "lr": round(lr, 7), "seconds": round(time.time() - t_train, 1)}
+            for m in modalities:
+                ls = [w[1] for w in window if w[0] == m]
+                if ls:
+                    rec[f"loss_{m}"] = round(float(np.mean(ls)), 4)
+            al = [w[2] for w in window if w[2] is not None]
+            if al:
+                rec["aux_loss"] = round(float(np.mean(al)), 4)
+            window = []
+            if step in eval_points or step == total:
+                rec["val"] = run_val(step)
+            history.append(rec)
+            if "val" in rec and step < total:  # a usable checkpoint even if the run is cut short
+                model.save_pretrained(out)
+                write_log(step, {"val": rec["val"]}, 0.0, complete=False)
+            log(json.dumps(rec))
+    train_seconds = time.time() - t_train
+
+    # -- save and test -------------------------------------------------------------------------------
+    unpatch_qwen_vision_attention(model)
+    model.save_pretrained(out)
+    t = time.time()
+    if not history or history[-1].get("step") != step or "val" not in history[-1]:
+        history.append({"step": step, "val": run_val(step)})
+    final = {"val": history[-1]["val"], "test": {}}
+    for k in modalities:
+        final["test"][k] = evaluate(model, processor, test[k], device)
+    test_seconds = time.time() - t
+    record = write_log(step, final, test_seconds, complete=True)
+    log(f"test: {json.dumps(record['test'])}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
