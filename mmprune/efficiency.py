@@ -37,8 +37,9 @@ import math
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # text model types whose MLP has two matrices (up, down); every other decoder is taken as gated (gate, up,
 # down: Llama, Mistral, Qwen2/2.5/3, Gemma, Phi-3 ...)
@@ -418,20 +419,13 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def _pin_malloc_mmap_threshold() -> None:
-    """Make glibc hand big blocks back to the OS on free, so RSS follows live tensors (CPU memory pass).
-
-    glibc raises its mmap threshold after large frees (up to 32 MB), after which freed activations stay in
-    the heap and RSS never drops: a later call's growth would then be invisible. Pinning the threshold to
-    128 KB keeps every tensor-sized block mmapped. Best effort: a no-op off glibc.
-    """
+def _trim_heap() -> None:
+    """Hand memory that earlier calls freed back to the OS (glibc ``malloc_trim``), so the next call's growth
+    shows in RSS instead of silently reusing retained heap pages. No lasting effect; a no-op off glibc."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-        libc.malloc_trim(0)  # give back what earlier calls left in the heap, so it is not silently reused
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -446,8 +440,8 @@ def peak_memory(fn: Callable[[], Any], device="cpu", interval_s: float = 0.0005)
     CPU: resident set size sampled every ``interval_s`` from ``/proc/self/statm`` by a helper thread while
     ``fn`` runs (torch releases the GIL inside ops, so the sampler keeps running). Limits: a spike shorter
     than the interval can be missed; RSS counts the whole process (weights, libraries), hence ``delta_mb``;
-    memory freed to the allocator but not to the OS would hide growth, so glibc's mmap threshold is pinned
-    first and the heap trimmed (see ``_pin_malloc_mmap_threshold``). Off Linux it falls back to ``resource.getrusage`` max-RSS,
+    memory freed to the allocator but not to the OS would hide growth, so the heap is trimmed first
+    (``malloc_trim``); blocks glibc keeps cached inside the call are reused there, which is what a peak is. Off Linux it falls back to ``resource.getrusage`` max-RSS,
     a process-lifetime high-water mark that only moves when a call exceeds every earlier one.
 
     Run it in a separate pass from timing: the sampler thread competes for a CPU core.
@@ -467,7 +461,7 @@ def peak_memory(fn: Callable[[], Any], device="cpu", interval_s: float = 0.0005)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         return {"peak_mb": peak / 2**20, "delta_mb": (peak - before) / 2**20, "method": "cuda.max_memory_allocated"}
-    _pin_malloc_mmap_threshold()
+    _trim_heap()
     before = _rss_bytes()
     if before is None:
         import resource
