@@ -120,18 +120,25 @@ def resolve_device(device: str) -> str:
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
     """Load ``(model, processor)`` the way users load a hub checkpoint (AutoModelForImageTextToText)."""
+    import torch
     from transformers import AutoModelForImageTextToText
 
     from ..testbed.vocab import load_processor
 
     path = resolve_model_path(spec)
     dev = resolve_device(device)
+    # --device auto with several GPUs (and no accelerate launch sharding): let accelerate spread the layers
+    spread = device == "auto" and torch.cuda.device_count() > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=_dtype(dtype, dev))
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=_dtype(dtype, dev), **({"device_map": "auto"} if spread else {})
+        )
         processor = load_processor(path)
     except OSError as e:  # hub id not reachable / folder incomplete: one line, not a traceback
         raise ValueError(f"--model {spec}: could not load ({str(e).splitlines()[0]})") from None
-    model = model.to(dev).eval()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev == "cuda":
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per accelerate rank
+    model = (model if spread else model.to(dev)).eval()
     tok = getattr(processor, "tokenizer", None)
     if tok is not None:
         tok.padding_side = "left"  # decoder-only generation needs left padding
