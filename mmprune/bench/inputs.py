@@ -26,25 +26,12 @@ import math
 
 import torch
 
+from ..testbed.vocab import smart_resize  # Qwen-VL's resize rule (transformers' copy needs torchvision)
+
 # Published preprocessor_config.json limits (Qwen/Qwen2-VL-7B-Instruct: min_pixels 3136, max_pixels
 # 12845056; Qwen/Qwen3-VL-8B-Instruct: shortest_edge 65536, longest_edge 16777216).
 _QWEN_PIXELS = {"qwen2_vl": (3136, 12845056), "qwen2_5_vl": (3136, 12845056), "qwen3_vl": (65536, 16777216)}
 _TEXT_LO, _TEXT_HI = 1000, 30000  # ordinary token ids in every vocabulary here (all >= 32064)
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen-VL's resize rule: both sides multiples of ``factor``, area within [min_pixels, max_pixels]."""
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 def qwen_grid(size: int, patch: int, merge: int, frames: int = 0, temporal: int = 2,

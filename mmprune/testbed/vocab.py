@@ -331,7 +331,7 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """transformers' ``qwen2_vl`` ``smart_resize``, copied: sides multiples of ``factor``, pixels in bounds."""
     import math
 
@@ -458,7 +458,7 @@ def qwen2vl_video_inputs(frames: Any, processor_or_config: Any = None):
     all_patches, grids = [], []
     for video in videos:
         if cfg["do_resize"]:
-            h, w = _smart_resize(
+            h, w = smart_resize(
                 video.shape[-2], video.shape[-1], p * m, cfg["min_pixels"], cfg["max_pixels"]
             )
             video = _resize_like_torchvision(video, h, w)
