@@ -116,6 +116,17 @@ def _dropped_positions(model, batch, trace):
     return drop
 
 
+def _assert_first_step_equals_masked(m, batch, policy, budget):
+    """Pruned prefill's next-token logits == the unwrapped model with the dropped tokens masked out."""
+    mmprune.wrap(m, policy, budget=budget)
+    with torch.no_grad():
+        first = m(**batch).logits[:, -1]
+    drop = _dropped_positions(m, batch, mmprune.trace(m))
+    mmprune.unwrap(m)
+    _, want = _masked_greedy(m, batch, drop, 1)
+    torch.testing.assert_close(first, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("policy", ["uniform", "random"])
 def test_pre_llm_pruning_equals_masked_full_run(family, policy):
@@ -139,13 +150,7 @@ def test_pre_llm_pruning_equals_masked_full_run(family, policy):
 def test_video_pre_llm_pruning_equals_masked_full_run(family):
     m = model_for(family)
     batch = batch_for(m, family, video=True)
-    mmprune.wrap(m, "uniform", budget=0.5)
-    with torch.no_grad():
-        first = m(**batch).logits[:, -1]
-    drop = _dropped_positions(m, batch, mmprune.trace(m))
-    mmprune.unwrap(m)
-    _, want_first = _masked_greedy(m, batch, drop, 1)
-    torch.testing.assert_close(first, want_first, atol=1e-4, rtol=1e-4)
+    _assert_first_step_equals_masked(m, batch, "uniform", 0.5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -342,10 +347,4 @@ def test_eager_attention_paths(family):
     mmprune.wrap(m, [mmprune.PruneConfig("uniform", 0.6), mmprune.PruneConfig("random", 0.5, layer=2)])
     with torch.no_grad():
         assert torch.equal(greedy(m, batch, n=4), greedy(m, batch, n=4, use_cache=False))
-    mmprune.wrap(m, "random", budget=0.4)
-    with torch.no_grad():
-        first = m(**batch).logits[:, -1]
-    drop = _dropped_positions(m, batch, mmprune.trace(m))
-    mmprune.unwrap(m)
-    _, want = _masked_greedy(m, batch, drop, 1)
-    torch.testing.assert_close(first, want, atol=1e-4, rtol=1e-4)
+    _assert_first_step_equals_masked(m, batch, "random", 0.4)
