@@ -514,6 +514,11 @@ def is_baseline(run: dict) -> bool:
     return p is None or (isinstance(p, str) and p.lower() in BASELINE_POLICIES)
 
 
+def _sig(v: Any, digits: int = 3) -> str:
+    """Significant digits: TFLOPs span 1e-6 (test-bed models) to 10 (7B models at full size)."""
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}g}"
+
+
 def _num(v: Any, digits: int) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -578,7 +583,7 @@ def format_report(runs: Iterable[dict], title: str = "mmprune eval") -> str:
             _cell(r.get("model")), _cell(r.get("task")), _cell(r.get("policy") or "none"), _cell(r.get("budget")),
             _cell(r.get("layer")), _num(r.get("n"), 0), _cell(r.get("metric")), _num(score, 2), vs,
             _num(r.get("visual_tokens_in"), 1), _num(r.get("visual_tokens_kept"), 1),
-            _num(r.get("prefill_tflops"), 3), _num(r.get("prefill_ms"), 1), _num(r.get("decode_tokens_per_s"), 1),
+            _sig(r.get("prefill_tflops")), _num(r.get("prefill_ms"), 1), _num(r.get("decode_tokens_per_s"), 1),
             _num(r.get("peak_mem_mb"), 0),
         ]  # fmt: skip
         if any_failed:
