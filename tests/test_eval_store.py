@@ -286,7 +286,7 @@ def test_report_table(tmp_path):
     assert lines[2].startswith("| model | task | policy | budget | layer | n | metric | score | vs full |")
     assert lines[2].endswith("| failed |")
     # the unpruned run comes first; "vs full" = score / 80
-    assert lines[4] == "| llava | pope | none | – | – | 10 | f1 | 80.00 | 100.0% | 576.0 | 576.0 | 3.200 | 120.5 | 30.2 | 14000 | 0 |"
+    assert lines[4] == "| llava | pope | none | – | – | 10 | f1 | 80.00 | 100.0% | 576.0 | 576.0 | 3.2 | 120.5 | 30.2 | 14000 | 0 |"
     assert lines[5].startswith("| llava | pope | fastv | 64 | 2 | 10 | f1 | 60.00 | 75.0% | 576.0 | 64.0 |")
     assert lines[6].startswith("| llava | pope | visionzip | 0.25 | – | 10 | f1 | 84.00 | 105.0% |")
     assert lines[6].endswith("| 1 |")
