@@ -329,6 +329,7 @@ def run_eval(cfg: EvalConfig, model=None, processor=None) -> dict:
                             visual_tokens_kept=tr.visual_tokens_kept[j] if j < len(tr.n_visual) else None,
                             prefill_tflops=flops[j], prefill_ms=prefill_ms,
                             decode_tokens_per_s=tps, peak_mem_mb=mem, batch_size=len(ok),
+                            stages=[f"{st.policy}@{'pre' if st.layer is None else st.layer}" for st in tr.stages],
                         ))
                 bar.update(len(batch))
         finally:
@@ -376,6 +377,8 @@ def finalize(cfg: EvalConfig, task, key: str, n_total: int) -> dict:
         "decode_tokens_per_s": _median([r.get("decode_tokens_per_s") for r in ok]),
         "peak_mem_mb": max([r["peak_mem_mb"] for r in ok if r.get("peak_mem_mb") is not None], default=None),
         "batch_size": cfg.batch_size,
+        # the stages as run (policy@layer; a policy's default layer or its multi-stage expansion)
+        "stages": next((r.get("stages") for r in ok if r.get("stages")), None),
     }
     _write_results(cfg.out, run)
     write_report(cfg.out, load_results(cfg.out)["runs"])
