@@ -94,12 +94,12 @@ _COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
 _PUNCTUATIONS = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 
 
-def _process_punctuation(in_text: str) -> str:
+def _process_punctuation(in_text: str, comma: re.Pattern = _COMMA_STRIP) -> str:
     out_text = in_text
     for p in _PUNCTUATIONS:
         # A mark touching a space (or any text with a digit-comma-digit) is deleted; one inside a word
         # ("red-white") becomes a space. Both tests look at the *input* text, as the official script does.
-        if (p + " " in in_text or " " + p in in_text) or (_COMMA_STRIP.search(in_text) is not None):
+        if (p + " " in in_text or " " + p in in_text) or (comma.search(in_text) is not None):
             out_text = out_text.replace(p, "")
         else:
             out_text = out_text.replace(p, " ")
@@ -506,7 +506,7 @@ def videomme_extract(prediction: str) -> str:
     return m.group(0) if m else ""
 
 
-_MVB_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# MVBench's copy of the VQA punctuation step differs only in its digit-comma-digit pattern.
 _MVB_COMMA = re.compile(r"(\d)(\,)(\d)")
 
 
@@ -515,13 +515,7 @@ def _mvbench_process(answer: str) -> str:
     if m:
         return m.group(1).upper()
     answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    out = answer
-    for p in _PUNCTUATIONS:
-        if (p + " " in answer or " " + p in answer) or (_MVB_COMMA.search(answer) is not None):
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    out = _MVB_PERIOD.sub("", out, count=32)
+    out = _process_punctuation(answer, comma=_MVB_COMMA)
     out = out.strip("'").strip('"').strip(")").strip("(").strip().lower()
     m = re.search(r"\b([A-E])\b", out, re.IGNORECASE)
     return m.group(1).upper() if m else out
