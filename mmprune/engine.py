@@ -93,7 +93,6 @@ class Run:
 
     ctx: CallCtx
     cache: Any
-    lm_kwargs: dict
     orig: torch.Tensor  # [B, P] current rows -> original column (-1 pad)
     rel: torch.Tensor  # [B, P] current rows -> row of the LM input (-1 pad)
     mask2d: torch.Tensor  # [B, P] long
@@ -422,7 +421,6 @@ class Engine:
         run = Run(
             ctx=ctx,
             cache=cache,
-            lm_kwargs=kwargs,
             orig=arange,
             rel=arange,
             mask2d=mask2d,
