@@ -38,7 +38,8 @@ def test_tiny_training_is_deterministic_and_learns(model, tmp_path, cache):
     assert losses == [h[key] for h in b["history"] if key in h]  # same seed, same run
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
-    assert losses[-1] < 0.7 * losses[0], losses  # learns the answer vocabulary at least
+    # learns the answer vocabulary at least (4 turns, each with an early-answer label: ~30% down in 16 steps)
+    assert losses[-1] < 0.75 * losses[0], losses
     log = json.loads((tmp_path / "a" / "train_log.json").read_text())
     assert log["complete"] and log["steps"] == 16 and log["seed"] == 0
     assert log["command"].startswith("python -m mmprune.testbed.train --model " + model)
@@ -57,6 +58,25 @@ def test_tiny_training_is_deterministic_and_learns(model, tmp_path, cache):
     assert load_processor(tmp_path / "a").tokenizer.eos_token in ("</s>", "<|im_end|>")
 
 
+def test_stages_continue_and_stop_exactly(tmp_path, cache):
+    """--stop-at N of an M-step schedule, then --init-from: how the shipped weights were trained in two
+    stages. A stopped stage equals the first N steps of the full run; --init-from loads every weight."""
+    base = ["--model", "llava", "--data-cache", cache, *TINY, "--test-items", "2"]
+    full = tb_train.main([*base, "--out", str(tmp_path / "full"), "--steps", "8", "--evals", "1"])
+    part = tb_train.main([*base, "--out", str(tmp_path / "part"), "--steps", "8", "--stop-at", "4"])
+    assert part["steps"] == 4 and part["stopped_early"] and full["steps"] == 8
+    mid = [h for h in full["history"] if h.get("step") == 4 and "loss_image" in h]
+    assert mid and mid[0]["loss_image"] == next(h["loss_image"] for h in part["history"] if h.get("step") == 4)
+    # lr 0: the continued run must save exactly the weights it started from
+    cont = tb_train.main([*base, "--out", str(tmp_path / "cont"), "--init-from", str(tmp_path / "part"),
+                          "--lr", "0", "--steps", "2"])  # fmt: skip
+    assert cont["init_from"]["steps"] == 4
+    wp, wc = _weights(tmp_path / "part"), _weights(tmp_path / "cont")
+    assert wp.keys() == wc.keys() and all(np.array_equal(wp[k], wc[k]) for k in wp)
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        tb_train.main([*base, "--out", str(tmp_path / "x"), "--init-from", str(tmp_path / "nowhere")])
+
+
 def test_another_seed_is_another_run(tmp_path, cache):
     args = ["--model", "llava", "--data-cache", cache, *TINY, "--steps", "3", "--test-items", "2"]
     tb_train.main([*args, "--out", str(tmp_path / "a")])
@@ -70,14 +90,32 @@ def test_token_labels_and_chroma():
     labels = tb_train.token_labels([([16, 0, 32, 16], 5), ([0, 16, 5, 22], 7)], 32, 16)
     assert labels.tolist() == [tb_train.BACKGROUND, 5, 7, tb_train.BACKGROUND]
     item = tb_train._render_shape(("validation", 0, 0))
-    assert item[5]["llava"].shape == (196,) and item[5]["qwen2vl"].shape == (64,)
-    assert (item[5]["llava"] != tb_train.BACKGROUND).any()
+    assert item[5]["llava"].shape == (64,) and item[5]["qwen2vl"].shape == (64,)
+    # objects sit one per 28 px cell: both models' tokens carry the same labels
+    assert np.array_equal(item[5]["llava"], item[5]["qwen2vl"])
+    n_things = len(item[6]["objects"]) + len(item[6]["texts"])
+    assert int((item[5]["llava"] != tb_train.BACKGROUND).sum()) == n_things
     grey = np.full((2, 4, 4, 3), 128, np.uint8)
     assert np.array_equal(tb_train.chroma_subsample(grey), grey)  # no colour, nothing to subsample
 
 
 # ---------------------------------------------------------------------------------------------------
 # eval tasks
+
+
+def test_follow_turns_ask_new_answerable_questions():
+    from mmprune.testbed.shapes import scene_questions
+
+    split = tb_train.generate_split("image", "validation", 10)
+    rng = np.random.default_rng(0)
+    answers = []
+    for i, scene in enumerate(split.scenes):
+        turns = tb_train.follow_turns(scene, split.questions[i], 3, rng)
+        valid = {qa for qas in scene_questions(scene).values() for qa in qas}
+        assert len(turns) == 3 and all((q, a) in valid for q, a, _ in turns)
+        assert len({q for q, _, _ in turns} | {split.questions[i]}) == 4  # never the same question twice
+        answers += [a for q, a, _ in turns if q.startswith("is there")]
+    assert 0 < answers.count("yes") < len(answers)  # exists turns are not all "no"
 
 
 def test_tasks_registered_and_scored():
@@ -163,7 +201,7 @@ def test_shipped_model_answers_test_items(alias, kind):
 
 
 @pytest.mark.xfail(
-    reason="provisional weights: retrain on a GPU (see mmprune/testbed/train.py)", strict=False
+    reason="weights still in training (issue 6): counting, existence and position not learned yet", strict=False
 )
 @pytest.mark.parametrize("alias", ["testbed-llava", "testbed-qwen2vl"])
 def test_shipped_model_meets_issue_targets(alias):
@@ -171,3 +209,27 @@ def test_shipped_model_meets_issue_targets(alias):
     assert log["test"]["shapes"]["accuracy"] >= 0.85
     if alias == "testbed-qwen2vl":
         assert log["test"]["motion"]["accuracy"] >= 0.70
+
+
+def test_testbed_sweep_table_and_checks():
+    """benchmarks/testbed_sweep.py's table and the issue's two discrimination checks, on made-up runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "testbed_sweep.py"
+    spec = importlib.util.spec_from_file_location("testbed_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+
+    def run(policy, budget, score):
+        return {"policy": policy, "budget": budget, "score": score, "n": 500, "visual_tokens_in": 64.0}
+
+    runs = [run("none", 1.0, 80.0), run("random", 0.1, 60.0), run("random", 0.25, 70.0), run("fastv", 0.25, 79.0)]
+    c = sweep.checks(runs)
+    assert c["random_drop_points"] == 20.0 and c["best_at_0.25"] == {"policy": "fastv", "score": 79.0}
+    assert c["best_0.25_fraction_of_unpruned"] == round(79 / 80, 4)
+    md = sweep.table({("testbed-llava", "shapes"): runs}, [0.25, 0.1])
+    lines = md.splitlines()
+    assert lines[0] == "| policy | llava shapes @0.25 | llava shapes @0.1 |"
+    assert "| fastv | 79.0 | – |" in lines and "| random | 70.0 | 60.0 |" in lines
+    assert "**80.0**" in lines[2] and "64 visual tokens, 500 items" in md

@@ -17,7 +17,7 @@ def pareto_plot(runs: list[dict], path: str, title: str = "") -> str:
     matplotlib.use("Agg")  # headless: CI and servers have no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.4))
     ref = [r for r in runs if r.get("policy") == "none" and r.get("score") is not None]
     by_policy: dict[str, list[dict]] = {}
     for r in runs:
@@ -25,19 +25,22 @@ def pareto_plot(runs: list[dict], path: str, title: str = "") -> str:
             by_policy.setdefault(r["policy"], []).append(r)
     for ax, key, label in ((axes[0], "visual_tokens_kept", "visual tokens kept (mean per sample)"),
                            (axes[1], "prefill_tflops", "prefill TFLOPs (analytic, mean per sample)")):
-        for name, rs in sorted(by_policy.items()):
+        for i, (name, rs) in enumerate(sorted(by_policy.items())):
             rs = sorted((r for r in rs if r.get(key) is not None), key=lambda r: r[key])
-            if rs:
-                ax.plot([r[key] for r in rs], [r["score"] for r in rs], marker="o", label=name)
+            if rs:  # 10 colours, so the second ten policies get dashed lines and other markers
+                style = {"marker": "os^Dv<>ph*"[i % 10], "linestyle": "-" if i < 10 else "--", "markersize": 5}
+                ax.plot([r[key] for r in rs], [r["score"] for r in rs], label=name, **style)
         for r in ref:
             if r.get(key) is not None:
                 ax.scatter([r[key]], [r["score"]], marker="*", s=160, color="black", zorder=5, label="none (unpruned)")
         ax.set_xlabel(label)
         ax.set_ylabel(f"score ({(ref or [{}])[0].get('metric') or (runs or [{}])[0].get('metric', '')})")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # the reference star appears once
+    fig.legend(unique.values(), unique.keys(), loc="center right", fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))  # room for the legend on the right
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -51,6 +51,7 @@ __all__ = [
     "make_motion",
     "question_words",
     "render_motion_clip",
+    "scene_questions",
     "write_mp4",
 ]
 
@@ -314,6 +315,48 @@ def render_motion_clip(
         },
     )
     return clip, item
+
+
+def scene_questions(metadata: dict) -> dict[str, list[tuple[str, str]]]:
+    """Every question a clip answers unambiguously, by kind (as :func:`mmprune.testbed.shapes.scene_questions`).
+
+    ``direction``: a shape-colour pair seen once that travels at least 30% of the frame along a dominant
+    axis (twice the other); ``order``: the first / last shape to appear when it starts at least 4 frames
+    before / after every other and its shape is unique; ``colour_change``: when exactly one shape
+    changes and shapes are distinct; ``count``: the number of shapes that appear (at most 5).
+
+    Example:
+        >>> _, it = render_motion_clip("test", 0)
+        >>> (it.question, it.answer) in scene_questions(it.metadata)[it.kind]
+        True
+    """
+    objs, size = metadata["objects"], metadata["size"]
+    out: dict[str, list[tuple[str, str]]] = {k: [] for k in MOTION_KINDS}
+    if 1 <= len(objs) <= 5:
+        out["count"].append((TEMPLATES["count"], str(len(objs))))
+    pairs = [(o["shape"], o["colour"]) for o in objs]
+    shapes = [o["shape"] for o in objs]
+    for o in objs:
+        seen = [b for b in o["boxes"] if b is not None]
+        dx, dy = seen[-1][0] - seen[0][0], seen[-1][1] - seen[0][1]
+        if pairs.count((o["shape"], o["colour"])) == 1 and max(abs(dx), abs(dy)) >= 0.3 * size:
+            if abs(dx) >= 2 * abs(dy):
+                d = "right" if dx > 0 else "left"
+            elif abs(dy) >= 2 * abs(dx):
+                d = "down" if dy > 0 else "up"
+            else:
+                continue
+            out["direction"].append((TEMPLATES["direction"].format(colour=o["colour"], shape=o["shape"]), d))
+    starts = sorted((o["start"], o["shape"]) for o in objs)
+    if len(objs) >= 2 and len(set(shapes)) == len(shapes):
+        if starts[1][0] - starts[0][0] >= 4:
+            out["order"].append((TEMPLATES["order_first"], starts[0][1]))
+        if starts[-1][0] - starts[-2][0] >= 4:
+            out["order"].append((TEMPLATES["order_last"], starts[-1][1]))
+    changers = [o for o in objs if o["change_frame"] is not None]
+    if len(changers) == 1 and len(set(shapes)) == len(shapes):
+        out["colour_change"].append((TEMPLATES["colour_change"], changers[0]["shape"]))
+    return out
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 8, crf: int = 12) -> None:

@@ -14,10 +14,13 @@ kind          question                                               answers
 ``text``      what letter / number is written in the image?          e h k l p r t x / 2 ... 9
 ============  =====================================================  ==================================
 
-The answer-relevant objects are small (12-22 px on a 224 px image, i.e. well under one percent of the
-pixels each), so a pruning policy that drops visual tokens at random loses them, while one that finds
-them keeps the accuracy. Every object's box is in ``item.metadata`` so tests can check which tokens
-mattered.
+The answer-relevant objects are small (12-24 px on a 224 px image, each well under one percent of the
+pixels) and sit one per cell of an 8 x 8 grid of 28 px cells, at a random offset inside the cell
+(:func:`grid_cells`): a cell is one merged Qwen2-VL token and one patch of testbed-llava's tower, so each
+object lives in exactly one visual token of 64. A pruning policy that drops tokens at random loses
+them; one that finds them keeps the accuracy. Every object's box is in ``item.metadata`` so tests can
+check which tokens mattered, and :func:`scene_questions` lists every question a scene answers (training
+asks several per image).
 
 Determinism: item ``i`` of split ``s`` is drawn from its own generator seeded by
 ``(seed, SPLIT_OFFSET[s] + i)``; the offsets give each split a disjoint seed range, so the train,
@@ -65,7 +68,11 @@ __all__ = [
     "make_background",
     "make_shapes",
     "question_words",
+    "cell_of",
+    "grid_cells",
+    "relation",
     "render_shapes_item",
+    "scene_questions",
 ]
 
 KINDS = ("colour", "count", "position", "exists", "text")
@@ -110,6 +117,8 @@ TEMPLATES = {
 }
 
 _TAG = 0x5A4E  # stream tag so shapes and motion never share a generator state
+CELL = 28  # layout cell in pixels (see grid_cells)
+_VERSION = 2  # bump when the generator changes, so cached training data is not reused
 
 
 @dataclass
@@ -405,45 +414,81 @@ def paste(canvas: np.ndarray, sprite: np.ndarray, x: int, y: int) -> None:
 # Scenes
 
 
-class _Placer:
-    """Rejection sampling of non-overlapping boxes (with a gap, so objects stay separable)."""
+def grid_cells(image_size: int) -> int:
+    """Cells per side of the layout grid: objects sit one per cell of 28 px (at 224 px, 8 x 8 cells).
 
-    def __init__(self, rng: np.random.Generator, size: int, gap: int = 3, margin: int = 3):
-        self.rng, self.size, self.gap, self.margin = rng, size, gap, margin
+    28 px is one merged Qwen2-VL token (patch 14, 2x2 merge) and one patch of testbed-llava's
+    patch-28 tower, so every object and text plate lies inside exactly one visual token: what a
+    token shows is never split between two, and "which tokens matter" has an exact answer.
+
+    Example:
+        >>> grid_cells(224), grid_cells(112)
+        (8, 4)
+    """
+    return max(2, image_size // CELL)
+
+
+class _Placer:
+    """Objects one per free grid cell, at a random offset inside it (1 px margin, so cells never touch)."""
+
+    def __init__(self, rng: np.random.Generator, size: int):
+        self.rng, self.size = rng, size
+        self.n = grid_cells(size)
+        self.cell = size // self.n
+        self.used: set[tuple[int, int]] = set()
         self.boxes: list[tuple[int, int, int, int]] = []
 
-    def free(self, box: tuple[int, int, int, int]) -> bool:
-        x0, y0, x1, y1 = box
-        if (
-            x0 < self.margin
-            or y0 < self.margin
-            or x1 > self.size - self.margin
-            or y1 > self.size - self.margin
-        ):
-            return False
-        g = self.gap
-        return all(x1 + g <= b[0] or b[2] + g <= x0 or y1 + g <= b[1] or b[3] + g <= y0 for b in self.boxes)
+    def add_at(self, rc: tuple[int, int], w: int, h: int) -> tuple[int, int, int, int] | None:
+        r, c = rc
+        if rc in self.used or not (0 <= r < self.n and 0 <= c < self.n) or max(w, h) > self.cell - 2:
+            return None
+        x = c * self.cell + int(self.rng.integers(1, self.cell - w))
+        y = r * self.cell + int(self.rng.integers(1, self.cell - h))
+        self.used.add(rc)
+        box = (x, y, x + w, y + h)
+        self.boxes.append(box)
+        return box
 
-    def add(self, w: int, h: int, tries: int = 200) -> tuple[int, int, int, int] | None:
-        for _ in range(tries):
-            x = int(self.rng.integers(self.margin, self.size - self.margin - w + 1))
-            y = int(self.rng.integers(self.margin, self.size - self.margin - h + 1))
-            box = (x, y, x + w, y + h)
-            if self.free(box):
-                self.boxes.append(box)
-                return box
-        return None
+    def add(self, w: int, h: int) -> tuple[int, int, int, int] | None:
+        free = [(r, c) for r in range(self.n) for c in range(self.n) if (r, c) not in self.used]
+        if not free:
+            return None
+        return self.add_at(free[int(self.rng.integers(len(free)))], w, h)
 
-    def add_at(self, box: tuple[int, int, int, int]) -> bool:
-        if self.free(box):
-            self.boxes.append(box)
-            return True
-        return False
+
+def cell_of(box, cell: int) -> tuple[int, int]:
+    """``(row, column)`` of the grid cell holding a box (its centre).
+
+    Example:
+        >>> cell_of([30, 60, 50, 80], 28)
+        (2, 1)
+    """
+    return int((box[1] + box[3]) / 2 // cell), int((box[0] + box[2]) / 2 // cell)
+
+
+def relation(a: tuple[int, int], b: tuple[int, int]) -> str | None:
+    """Where cell ``a`` lies relative to cell ``b``, when one axis clearly dominates; else None.
+
+    The main-axis offset must be at least twice the other one (adjacent diagonal cells are ambiguous
+    and get None): the rule the ``position`` generator places pairs by.
+
+    Example:
+        >>> relation((2, 1), (2, 5)), relation((5, 3), (2, 4)), relation((1, 1), (2, 2))
+        ('left', 'below', None)
+    """
+    dr, dc = a[0] - b[0], a[1] - b[1]
+    if abs(dc) >= 1 and 2 * abs(dr) <= abs(dc):
+        return "left" if dc < 0 else "right"
+    if abs(dr) >= 1 and 2 * abs(dc) <= abs(dr):
+        return "above" if dr < 0 else "below"
+    return None
 
 
 def _diameter(rng: np.random.Generator, size: int) -> int:
-    # 12-22 px at 224 px: under one 16 px patch to under two; scaled for other image sizes.
-    return int(round(rng.uniform(12, 22) * size / 224))
+    # 12-24 px at 224 px (under a third of a 28 px cell's area at most, ~0.3% of the image at least):
+    # small enough that a policy which drops tokens at random loses them. Scaled with the cell size.
+    cell = size // grid_cells(size)
+    return max(4, min(cell - 3, int(round(rng.uniform(12, 24) * cell / CELL))))
 
 
 def _pick(rng: np.random.Generator, seq, exclude=()) -> Any:
@@ -525,26 +570,20 @@ def _two_combos(rng: np.random.Generator) -> tuple[tuple[str, str], tuple[str, s
 
 
 def _place_pair(placer: _Placer, d1: int, d2: int, rel: str) -> bool:
-    """Place target and reference so that ``rel`` holds unambiguously (dominant axis, clear gap)."""
-    rng, size = placer.rng, placer.size
+    """Place target and reference in two cells whose :func:`relation` is ``rel`` (a dominant axis)."""
+    rng, n = placer.rng, placer.n
     for _ in range(200):
-        main = rng.uniform(0.18, 0.6) * size
-        perp = rng.uniform(-0.35, 0.35) * main
-        dx, dy = {
-            "left": (-main, perp),
-            "right": (main, perp),
-            "above": (perp, -main),
-            "below": (perp, main),
-        }[rel]
-        x1 = rng.uniform(0, size - d1)
-        y1 = rng.uniform(0, size - d1)
-        b1 = (int(x1), int(y1), int(x1) + d1, int(y1) + d1)
-        cx2, cy2 = x1 + d1 / 2 - dx, y1 + d1 / 2 - dy  # target is at `rel` of the reference
-        b2 = (int(cx2 - d2 / 2), int(cy2 - d2 / 2), int(cx2 - d2 / 2) + d2, int(cy2 - d2 / 2) + d2)
-        if placer.add_at(b1):
-            if placer.add_at(b2):
-                return True
-            placer.boxes.pop()
+        main = int(rng.integers(1, n))
+        perp = int(rng.integers(-(main // 2), main // 2 + 1))
+        dr, dc = {"left": (perp, -main), "right": (perp, main), "above": (-main, perp), "below": (main, perp)}[rel]
+        r2, c2 = int(rng.integers(n)), int(rng.integers(n))
+        a, b = (r2 + dr, c2 + dc), (r2, c2)
+        if not (0 <= a[0] < n and 0 <= a[1] < n) or relation(a, b) != rel:
+            continue
+        if placer.add_at(a, d1, d1) and placer.add_at(b, d2, d2):
+            return True
+        placer.used.difference_update({a, b})
+        placer.boxes.clear()
     return False
 
 
@@ -566,8 +605,8 @@ def render_shapes_item(split: str, index: int, image_size: int = 224, seed: int 
         ok = True
         if kind == "position":
             ok = _place_pair(placer, objs[0]["diameter"], objs[1]["diameter"], objs[0]["relation"])
-            for o, b in zip(objs[:2], placer.boxes):
-                o["box"] = list(b)
+            for o, box in zip(objs[:2], placer.boxes):
+                o["box"] = list(box)
         # Text plates first among the rest: they are larger and harder to fit.
         texts = []
         # A text question always shows one letter and one digit, so "which letter" needs reading;
@@ -577,7 +616,7 @@ def render_shapes_item(split: str, index: int, image_size: int = 224, seed: int 
         if rng.random() < 0.5:
             chars.reverse()
         for ch in chars[:n_plates]:
-            scale = max(2, int(round(3 * image_size / 224)))
+            scale = max(1, (placer.cell - 4) // 7)  # 5x7 glyph + 2 px margin inside one cell (3x at 224)
             plate = tuple(int(v * 255) for v in _muted(rng, 0.12, (0.85, 1.0)))
             ink = tuple(int(v * 255) for v in _muted(rng, 0.3, (0.0, 0.2)))
             sprite = text_plate(ch, scale, plate, ink)
@@ -629,6 +668,7 @@ def render_shapes_item(split: str, index: int, image_size: int = 224, seed: int 
         "index": index,
         "seed": seed,
         "image_size": image_size,
+        "grid": placer.n,
         "background": style,
         "query": query,
         "objects": objects,
@@ -645,11 +685,56 @@ def render_shapes_item(split: str, index: int, image_size: int = 224, seed: int 
     )
 
 
+def scene_questions(metadata: dict) -> dict[str, list[tuple[str, str]]]:
+    """Every question a scene answers unambiguously, by kind: ``{kind: [(question, answer), ...]}``.
+
+    Training asks several of them about one image (the visual tokens are encoded once, and each
+    answer adds supervision); the eval asks only the item's own question, which is always among them.
+    ``exists`` lists every absent shape-colour pair as a "no" (samplers balance yes and no).
+
+    Example:
+        >>> it = render_shapes_item("test", 2)
+        >>> (it.question, it.answer) in scene_questions(it.metadata)[it.kind]
+        True
+    """
+    from collections import Counter
+
+    objs, texts = metadata["objects"], metadata["texts"]
+    cell = metadata["image_size"] // metadata["grid"]
+    shapes = Counter(o["shape"] for o in objs)
+    combos = Counter((o["shape"], o["colour"]) for o in objs)
+    out: dict[str, list[tuple[str, str]]] = {k: [] for k in KINDS}
+    for o in objs:
+        if shapes[o["shape"]] == 1:
+            out["colour"].append((TEMPLATES["colour"].format(shape=o["shape"]), o["colour"]))
+    for shape, n in sorted(shapes.items()):
+        if n <= len(COUNTS):
+            out["count"].append((TEMPLATES["count"].format(shapes=PLURAL[shape]), str(n)))
+    for shape in SHAPES:
+        for colour in COLOURS:
+            q = TEMPLATES["exists"].format(colour=colour, shape=shape)
+            out["exists"].append((q, "yes" if combos[(shape, colour)] else "no"))
+    unique = [o for o in objs if combos[(o["shape"], o["colour"])] == 1]
+    for a in unique:
+        for b in unique:
+            rel = relation(cell_of(a["box"], cell), cell_of(b["box"], cell)) if a is not b else None
+            if rel is not None:
+                q = TEMPLATES["position"].format(colour=a["colour"], shape=a["shape"], colour2=b["colour"], shape2=b["shape"])
+                out["position"].append((q, rel))
+    letters = [t["char"] for t in texts if not t["char"].isdigit()]
+    digits = [t["char"] for t in texts if t["char"].isdigit()]
+    if len(letters) == 1:
+        out["text"].append((TEMPLATES["text_letter"], letters[0]))
+    if len(digits) == 1:
+        out["text"].append((TEMPLATES["text_number"], digits[0]))
+    return out
+
+
 def make_shapes(split: str, n: int, image_size: int = 224, seed: int = 0, start: int = 0) -> list[Item]:
     """Items ``start .. start+n-1`` of ``split``; kinds cycle so any 5 consecutive items hold one of each.
 
-    ``image_size`` 224 gives 14 x 14 = 196 patches for a patch-16 CLIP tower, and 8 x 8 = 64 merged
-    tokens for Qwen2-VL (patch 14, 2x2 merge). Sizes of objects and text scale with it.
+    ``image_size`` 224 gives an 8 x 8 layout grid: 64 patches for testbed-llava's patch-28 CLIP tower,
+    64 merged tokens for Qwen2-VL (patch 14, 2x2 merge). Other sizes get ``size // 28`` cells a side.
 
     Example:
         >>> items = make_shapes("validation", 10, image_size=112)
@@ -675,8 +760,8 @@ def contact_sheet(items: list[Item], cols: int = 5, scale: int = 1) -> Image.Ima
     """A grid of item images with their question and answer underneath, for looking at the data.
 
     Example:
-        >>> contact_sheet(make_shapes("test", 2, image_size=64), cols=2).size[0]
-        128
+        >>> contact_sheet(make_shapes("test", 2, image_size=112), cols=2).size[0]
+        224
     """
     from PIL import ImageFont
 

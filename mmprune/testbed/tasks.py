@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import defaultdict
@@ -142,6 +143,15 @@ class _TestbedTask(Task):
         return total, self.metric, {"n": len(ds), "per_kind": pct}
 
 
+@functools.lru_cache(maxsize=2)
+def _shapes_items(split: str, n: int, seed: int) -> tuple:
+    """The generated items, kept for the next run in this process: a sweep loads the task once per
+    policy x budget, and rendering 500 scenes costs ~10 s each time."""
+    from .shapes import make_shapes
+
+    return tuple(make_shapes(split, n, seed=seed))
+
+
 class ShapesTask(_TestbedTask):
     """``shapes``: image QA on generated scenes (test split, 500 items, 100 per kind).
 
@@ -158,9 +168,7 @@ class ShapesTask(_TestbedTask):
     layout = "generated (mmprune.testbed.shapes): test split, first 500 items; no --data needed"
 
     def load(self, data_path: str | os.PathLike | None = None, limit: int | None = None) -> list[Sample]:
-        from .shapes import make_shapes
-
-        items = make_shapes(self.split, _check_limit(limit, self.n), seed=self.seed)
+        items = _shapes_items(self.split, _check_limit(limit, self.n), self.seed)
         return [
             Sample(
                 id=it.id,

@@ -585,7 +585,8 @@ def build_testbed_model(kind: str, tokenizer, seed: int = 0, **overrides):
     Defaults (overridable by keyword, e.g. ``text_layers=2``): vision width 128, 4 layers, 4 heads;
     text width 256, 4 layers, 4 heads (2 KV heads), MLP 704.
 
-    * llava: CLIP tower, 224 px / patch 16 with [CLS] (196 image tokens), features from the last
+    * llava: CLIP tower, 224 px / patch 16 with [CLS] (196 image tokens; the shipped testbed-llava
+      overrides patch 28: 64 tokens, one per layout cell of ``shapes``), features from the last
       layer (``vision_feature_layer=-1``) with the "default" strategy. The [CLS] output then feeds
       nothing, so training must give it a loss of its own (e.g. predict the scene's objects from
       ``pooler_output``), or [CLS]-attention policies read an untrained query.
