@@ -5,7 +5,8 @@
     python benchmarks/testbed_sweep.py --limit 50 --out /tmp/quick   # a quick look
     # on 2 cores, as recorded in benchmarks/results/: setups in parallel, one thread each, then tabulate
     python benchmarks/testbed_sweep.py --threads 1 --setups testbed-llava:shapes &
-    python benchmarks/testbed_sweep.py --threads 1 --setups testbed-qwen2vl:shapes,testbed-qwen2vl:motion &
+    python benchmarks/testbed_sweep.py --threads 1 --setups testbed-qwen2vl:shapes && \
+      python benchmarks/testbed_sweep.py --threads 1 --setups testbed-qwen2vl:motion --budgets 0.25,0.1 --limit 200 &
     wait; python benchmarks/testbed_sweep.py --collect --readme
 
 For each setup (testbed-llava on ``shapes``, testbed-qwen2vl on ``shapes`` and ``motion``) this runs what
