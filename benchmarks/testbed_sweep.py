@@ -43,9 +43,10 @@ def run_setup(model_name: str, task: str, policies: list[str], budgets: list[flo
     from mmprune.eval.plots import pareto_plot
     from mmprune.eval.runner import EvalConfig, load_model, run_eval, validate
     from mmprune.eval.store import load_results, write_report
+    from mmprune.eval.sweep_command import sweep_plan
 
     out = Path(args.out) / f"{model_name}-{task}"
-    plan = [("none", 1.0)] + [(p, b) for p in policies if p != "none" for b in budgets]
+    plan = sweep_plan(policies, budgets)
 
     def cfg(policy, budget):
         return EvalConfig(

@@ -331,23 +331,21 @@ class Stopwatch:
         self.cuda = _is_cuda(device)
         self._t0 = self._t1 = None
 
-    def start(self):
-        if self.cuda:
-            import torch
+    def _mark(self):
+        """Now: a recorded CUDA event on GPU (asynchronous), else ``perf_counter``."""
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
 
-            self._t0 = torch.cuda.Event(enable_timing=True)
-            self._t0.record()
-        else:
-            self._t0 = time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self):
+        self._t0 = self._mark()
 
     def stop(self):
-        if self.cuda:
-            import torch
-
-            self._t1 = torch.cuda.Event(enable_timing=True)
-            self._t1.record()
-        else:
-            self._t1 = time.perf_counter()
+        self._t1 = self._mark()
 
     def elapsed_ms(self) -> float:
         if self.cuda:

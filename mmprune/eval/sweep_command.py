@@ -26,6 +26,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", type=_list, required=True, help="comma-separated budgets, e.g. 0.5,0.25,0.1 or 64,32")
 
 
+def sweep_plan(policies: list[str], budgets: list) -> list[tuple[str, float | int]]:
+    """``(policy, budget)`` pairs of a sweep: the unpruned reference once, then every policy x budget.
+
+    Example:
+        >>> sweep_plan(["none", "fastv"], [0.5, 0.25])
+        [('none', 1.0), ('fastv', 0.5), ('fastv', 0.25)]
+    """
+    return [("none", 1.0)] + [(p, b) for p in policies if p != "none" for b in budgets]
+
+
 def run(args) -> int:
     from .command import config_from, print_run
     from .plots import pareto_plot
@@ -33,7 +43,7 @@ def run(args) -> int:
     from .store import load_results, write_report
 
     budgets = [number(b) for b in args.budgets]
-    plan = [("none", 1.0)] + [(p, b) for p in args.policies if p != "none" for b in budgets]
+    plan = sweep_plan(args.policies, budgets)
     for pol, b in plan:  # fail fast on any bad combination before loading the model
         validate(config_from(args, pol, b))
     model, processor = load_model(args.model, args.device, args.dtype)

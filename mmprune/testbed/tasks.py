@@ -125,6 +125,14 @@ class _TestbedTask(Task):
     def __init__(self, n: int = DEFAULT_N, seed: int = 0):
         self.n, self.seed = n, seed
 
+    @staticmethod
+    def _sample(item, images=None, video=None, **meta) -> Sample:
+        """The eval's sample for a generated item: the test-bed prompt, the item's kind in ``meta``."""
+        return Sample(
+            id=item.id, prompt=testbed_prompt(item.question), question=item.question, answer=item.answer,
+            images=images, video=video, meta={"kind": item.kind, **meta},
+        )  # fmt: skip
+
     def score(self, sample: Sample, prediction: str) -> dict:
         pred = normalize_answer(prediction)
         return {"score": float(pred == sample.answer), "pred": pred, "kind": sample.meta.get("kind")}
@@ -169,17 +177,7 @@ class ShapesTask(_TestbedTask):
 
     def load(self, data_path: str | os.PathLike | None = None, limit: int | None = None) -> list[Sample]:
         items = _shapes_items(self.split, _check_limit(limit, self.n), self.seed)
-        return [
-            Sample(
-                id=it.id,
-                prompt=testbed_prompt(it.question),
-                question=it.question,
-                answer=it.answer,
-                images=[it.image],
-                meta={"kind": it.kind},
-            )
-            for it in items
-        ]
+        return [self._sample(it, images=[it.image]) for it in items]
 
 
 class MotionTask(_TestbedTask):
@@ -213,17 +211,7 @@ class MotionTask(_TestbedTask):
         items = make_motion(
             self.split, _check_limit(limit, self.n), folder, frames=MOTION_FRAMES, seed=self.seed
         )
-        return [
-            Sample(
-                id=it.id,
-                prompt=testbed_prompt(it.question),
-                question=it.question,
-                answer=it.answer,
-                video=it.video,
-                meta={"kind": it.kind, "num_frames": MOTION_FRAMES},
-            )
-            for it in items
-        ]
+        return [self._sample(it, video=it.video, num_frames=MOTION_FRAMES) for it in items]
 
 
 for _cls in (ShapesTask, MotionTask):

@@ -29,8 +29,8 @@ Choices worth knowing:
 * **Grounding loss.** At each visual-token position holding an object, the LLM's own head must name it
   (colour and shape words, or the character; :func:`grounding_loss`). The answer to "what colour is
   the star?" is then a copy from the right visual token. On the first grid-aligned CPU run without it,
-  both models stayed at the answer priors (25% val accuracy after 300 steps of 32, llava) while the
-  dense loss fell: the LLM had not found the visual tokens yet.
+  both models stayed at the answer priors (llava 25% val accuracy after 300 steps of 32, qwen2vl 26%
+  after 123) while the dense loss fell: the LLM had not found the visual tokens yet.
 * **Several questions per image.** Each training image comes with ``--turns`` questions as a
   multi-turn conversation (the item's own first, then others the scene answers:
   :func:`follow_turns`, :func:`mmprune.testbed.shapes.scene_questions`). The image is encoded once, so
@@ -78,6 +78,7 @@ from typing import Any
 
 import numpy as np
 
+from .shapes import PLURAL, SHAPES
 from .tasks import chat_messages, normalize_answer, testbed_prompt
 
 __all__ = ["DEFAULTS", "aux_targets", "chroma_subsample", "main", "parse_args"]
@@ -109,8 +110,7 @@ _CACHE_FORMAT = 2  # bump when what generate_split stores changes (2: scenes of 
 TURNS = 4
 # Key words of the questions (see Encoder.early_labels): shapes named, "letter" / "number", and motion's
 # "first" / "last" / "colour" / "shapes" (the last of these in a question is what it asks about).
-KEY_WORDS = ("circle", "square", "triangle", "star", "cross", "circles", "squares", "triangles", "stars",
-             "crosses", "letter", "number", "first", "last", "colour", "shapes")  # fmt: skip
+KEY_WORDS = (*SHAPES, *PLURAL.values(), "letter", "number", "first", "last", "colour", "shapes")
 GROUND_WEIGHT = 0.5
 
 
@@ -379,6 +379,11 @@ def follow_turns(scene: dict, question: str, n: int, rng: np.random.Generator) -
     return out
 
 
+def text_turn(role: str, text: str) -> dict:
+    """One chat message holding only text, as ``processor.apply_chat_template`` takes it."""
+    return {"role": role, "content": [{"type": "text", "text": text}]}
+
+
 def chroma_subsample(frames):
     """What H.264 yuv420p does to colour: BT.601 chroma averaged over 2x2 pixels, luma kept.
 
@@ -419,7 +424,7 @@ def chroma_subsample(frames):
 class Encoder:
     """Turns items into model inputs the way the processor does, but from uint8 tensors and cached ids."""
 
-    def __init__(self, model_kind: str, processor, device):
+    def __init__(self, model_kind: str, processor, device, early_answer: bool = False):
         import torch
 
         self.kind, self.processor, self.device = model_kind, processor, device
@@ -445,7 +450,7 @@ class Encoder:
             }
         self._prompt_cache: dict[tuple[str, str, bool], list[int]] = {}
         self._answer_cache: dict[str, list[int]] = {}
-        self.early_answer = False  # see early_labels
+        self.early_answer = early_answer  # see early_labels
         vocab = tok.get_vocab()
         self.key_ids = {vocab[w] for w in KEY_WORDS if w in vocab}
         # qwen2vl: M-RoPE ids per prompt, computed once with the model's own get_rope_index (which loops
@@ -493,8 +498,8 @@ class Encoder:
         them after an answered turn: what a multi-turn conversation adds per extra question."""
         key = ("follow", question, bare)
         if key not in self._prompt_cache:
-            turn = [{"role": "user", "content": [{"type": "text", "text": question if bare else testbed_prompt(question)}]}]
-            first = chat_messages("q", "image") + [{"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]
+            turn = [text_turn("user", question if bare else testbed_prompt(question))]
+            first = chat_messages("q", "image") + [text_turn("assistant", "yes")]
             render = self.processor.apply_chat_template
             head = render(first, tokenize=False)
             full = render(first + turn, add_generation_prompt=True, tokenize=False)
@@ -654,10 +659,9 @@ def fast_path_check(encoder: Encoder, splits: dict[str, Split]) -> dict:
             # Multi-turn training sequences: the processor's rendering of the whole conversation.
             follow = follow_turns(split.scenes[0], split.questions[0], 2, np.random.default_rng(0))
             msgs = chat_messages(testbed_prompt(split.questions[0]), modality)  # media first, then turns
-            msgs.append({"role": "assistant", "content": [{"type": "text", "text": split.answers[0]}]})
+            msgs.append(text_turn("assistant", split.answers[0]))
             for q, a, b in follow:
-                msgs.append({"role": "user", "content": [{"type": "text", "text": q if b else testbed_prompt(q)}]})
-                msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+                msgs += [text_turn("user", q if b else testbed_prompt(q)), text_turn("assistant", a)]
             text = proc.apply_chat_template(msgs, tokenize=False)
             media = {"images": [Image.fromarray(raw[0])]} if modality == "image" else {"videos": [raw[0]]}
             ref_ids = proc(text=[text], return_tensors="pt", **media)["input_ids"][0]
@@ -848,8 +852,9 @@ def grounding_loss(logits, input_ids, media_token: int, token_targets, table):
     At every visual-token position holding an object, the LM head's log-probabilities of the object's
     words (colour and shape, or the character) are raised (mean of the two); background tokens are
     left free. A question about an object then only needs attention to the right visual token: the
-    value to copy is already written in the words the answer uses. Without it both test-bed models sat
-    on the answer priors for 300 CPU steps (25% val accuracy) although the vision tower's dense loss fell.
+    value to copy is already written in the words the answer uses. Without it testbed-llava sat on the
+    answer priors for 300 CPU steps of 32 (25% val accuracy; qwen2vl likewise for the 123 steps it ran)
+    although the vision tower's dense loss fell.
     """
     import torch
 
@@ -1110,8 +1115,7 @@ def main(argv: list[str] | None = None) -> dict:
         previous = json.loads(log_file.read_text()) if log_file.is_file() else None
         if previous is not None:
             previous = {k: v for k, v in previous.items() if k != "fast_path_check"}
-    encoder = Encoder(args.model, processor, device)
-    encoder.early_answer = args.early_answer
+    encoder = Encoder(args.model, processor, device, early_answer=bool(args.early_answer))
     check = fast_path_check(encoder, {k: v for k, v in val.items()})
     log(f"fast path vs processor: {check}")
     vision_patch = (
@@ -1274,18 +1278,18 @@ def main(argv: list[str] | None = None) -> dict:
         t_step = time.time()
         outputs = model(**batch)
         loss = outputs.loss
-        aux_loss = None
+        extra = []  # weighted auxiliary terms
         if aux is not None:
             targets = aux_t[modality][idx_t.to(device)] if modality in aux_t else None
-            aux_loss = aux.loss(targets, tok_t[modality][idx_t.to(device)], len(idx))
+            a = aux.loss(targets, tok_t[modality][idx_t.to(device)], len(idx))
+            if a is not None:
+                extra.append(args.aux_weight * a)
         if args.ground_weight > 0:
-            g = args.ground_weight * grounding_loss(
+            extra.append(args.ground_weight * grounding_loss(
                 outputs.logits, batch["input_ids"], encoder.media_token[modality],
                 tok_t[modality][idx_t.to(device)], words,
-            )  # fmt: skip
-            aux_loss = g if aux_loss is None else aux_loss * args.aux_weight + g
-        elif aux_loss is not None:
-            aux_loss = aux_loss * args.aux_weight
+            ))  # fmt: skip
+        aux_loss = sum(extra) if extra else None
         total_loss = loss + aux_loss if aux_loss is not None else loss
         opt.zero_grad(set_to_none=True)
         total_loss.backward()
