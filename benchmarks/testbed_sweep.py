@@ -122,6 +122,26 @@ def table(all_runs: dict[tuple[str, str], list[dict]], budgets: list[float]) -> 
     return "\n".join(lines)
 
 
+def kinds_table(all_runs: dict[tuple[str, str], list[dict]]) -> str:
+    """Accuracy per question kind of the unpruned run, the best policy at 25% and ``random`` at 10%:
+    which kinds a budget costs (counting, for one, needs every object token)."""
+    lines = []
+    for (m, t), runs in all_runs.items():
+        c = checks(runs)
+        picks = [("none", 1.0), (c["best_at_0.25"]["policy"], 0.25), ("random", 0.1)]
+        rows = [r for p, b in picks for r in runs if (r["policy"], r["budget"]) == (p, b) and r.get("extra")]
+        kinds = sorted({k for r in rows for k in r["extra"].get("per_kind", {})})
+        if not kinds:
+            continue
+        lines += [f"**{m} on {t}**", "", "| run | " + " | ".join(kinds) + " |", "|" + "---|" * (1 + len(kinds))]
+        for r in rows:
+            pk = r["extra"]["per_kind"]
+            cells = [f"{pk[k]:.0f}" if k in pk else "–" for k in kinds]
+            lines.append(f"| {r['policy']} @{r['budget']:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/testbed-sweep", help="per-setup run folders (resumable)")
@@ -155,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "testbed_sweep.json").write_text(json.dumps(record, indent=1, default=str))
     (RESULTS / "testbed_sweep.md").write_text(
         "# Test-bed sweep\n\n`python benchmarks/testbed_sweep.py`\n\n" + md + "\n\nChecks:\n\n```\n"
-        + json.dumps(verdict, indent=1) + "\n```\n"
+        + json.dumps(verdict, indent=1) + "\n```\n\nAccuracy (%) per question kind:\n\n" + kinds_table(all_runs)
     )
     print(md)
     print(json.dumps(verdict, indent=1))

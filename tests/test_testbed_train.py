@@ -67,10 +67,15 @@ def test_stages_continue_and_stop_exactly(tmp_path, cache):
     assert part["steps"] == 4 and part["stopped_early"] and full["steps"] == 8
     mid = [h for h in full["history"] if h.get("step") == 4 and "loss_image" in h]
     assert mid and mid[0]["loss_image"] == next(h["loss_image"] for h in part["history"] if h.get("step") == 4)
-    # lr 0: the continued run must save exactly the weights it started from
+    # lr 0: the continued run must save exactly the weights it started from (with every later stage's
+    # extra losses and labels on, as the shipped S7/S8 stages ran)
+    later = ["--kind-weights", "count=3,position=3", "--where-weight", "0.5", "--position-hints", "1",
+             "--where-probe", "1", "--drop-background", "0.5"]  # fmt: skip
     cont = tb_train.main([*base, "--out", str(tmp_path / "cont"), "--init-from", str(tmp_path / "part"),
-                          "--lr", "0", "--steps", "2"])  # fmt: skip
+                          "--lr", "0", "--steps", "2", *later])  # fmt: skip
     assert cont["init_from"]["steps"] == 4
+    assert (cont["where_weight"], cont["position_hints"], cont["where_probe"], cont["drop_background"]) == (
+        0.5, True, 1.0, 0.5)
     wp, wc = _weights(tmp_path / "part"), _weights(tmp_path / "cont")
     assert wp.keys() == wc.keys() and all(np.array_equal(wp[k], wc[k]) for k in wp)
     with pytest.raises(ValueError, match="no model.safetensors"):
@@ -116,6 +121,23 @@ def test_follow_turns_ask_new_answerable_questions():
         assert len({q for q, _, _ in turns} | {split.questions[i]}) == 4  # never the same question twice
         answers += [a for q, a, _ in turns if q.startswith("is there")]
     assert 0 < answers.count("yes") < len(answers)  # exists turns are not all "no"
+
+
+def test_follow_turns_kind_weights():
+    split = tb_train.generate_split("image", "validation", 10)
+    kind = lambda q: q.split()[0] + " " + q.split()[1]  # noqa: E731 - "how many", "what colour", ...
+    weights = {"count": 1.0, "colour": 0.0, "text": 0.0, "position": 0.0, "exists": 0.0}
+    for i, scene in enumerate(split.scenes):  # weight 0 never asks a kind, so turns stop when none is left
+        turns = tb_train.follow_turns(scene, split.questions[i], 5, np.random.default_rng(i), weights)
+        assert turns and {kind(q) for q, _, _ in turns} == {"how many"}
+    # all-ones weights draw from another stream than the default, but the default is the uniform one
+    a = tb_train.follow_turns(split.scenes[0], "?", 3, np.random.default_rng(1))
+    assert a == tb_train.follow_turns(split.scenes[0], "?", 3, np.random.default_rng(1), None)
+    args = tb_train.parse_args(["--model", "llava", "--out", "x", "--kind-weights", "count=3,text=0.5"])
+    assert args.kind_weights == {"count": 3.0, "text": 0.5}
+    for bad in ("size=2", "count", "count=-1"):
+        with pytest.raises(SystemExit):
+            tb_train.parse_args(["--model", "llava", "--out", "x", "--kind-weights", bad])
 
 
 def test_tasks_registered_and_scored():
@@ -233,3 +255,100 @@ def test_testbed_sweep_table_and_checks():
     assert lines[0] == "| policy | llava shapes @0.25 | llava shapes @0.1 |"
     assert "| fastv | 79.0 | – |" in lines and "| random | 70.0 | 60.0 |" in lines
     assert "**80.0**" in lines[2] and "64 visual tokens, 500 items" in md
+
+
+def test_grounding_loss_where_names_row_and_column():
+    import torch
+
+    torch.manual_seed(0)
+    media, vocab = 7, 20
+    input_ids = torch.tensor([[1, media, media, 2, media, media, 3]])
+    logits = torch.randn(1, 7, vocab, requires_grad=True)
+    table = torch.tensor([[4, 5], [6, 6], [-1, -1]])  # class 0: object (two words), 1: plate, 2: background
+    targets = torch.tensor([[0, 1, 0, 2]])  # 2 x 2 cells: object, plate, object, background
+    digits = torch.arange(10, 20)
+    base = tb_train.grounding_loss(logits, input_ids, media, targets, table)
+    with_where = tb_train.grounding_loss(logits, input_ids, media, targets, table, (2, digits, 0.5))
+    logp = torch.log_softmax(logits[0, [1, 2, 4]], -1)
+    assert torch.allclose(base, -(logp[0, [4, 5]].sum() + logp[1, [6, 6]].sum() + logp[2, [4, 5]].sum()) / 6)
+    # objects only: cell 0 is row 0 / column 0, cell 2 is row 1 / column 0
+    where = (logp[0, [10, 10]].sum() + logp[2, [11, 10]].sum()) / 4
+    assert torch.allclose(with_where, base - 0.5 * where)
+
+
+
+def test_where_probe_reads_row_and_column_of_object_tokens_only():
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn.functional as F
+
+    text = SimpleNamespace(num_hidden_layers=4, hidden_size=6)
+    state = torch.random.get_rng_state()
+    probe = tb_train.WhereProbe(SimpleNamespace(config=SimpleNamespace(text_config=text)), {"image": 2}, "cpu")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the model's RNG stream is untouched
+    assert probe.layer == 2 and len(probe.parameters()) == 2
+    media = 7
+    input_ids = torch.tensor([[1, media, media, 2, media, media, 3]])
+    table = torch.tensor([[4, 5], [6, 6], [-1, -1]])  # class 0: object (two words), 1: plate, 2: background
+    targets = torch.tensor([[0, 1, 2, 0]])  # 2 x 2 cells: object, plate, background, object
+    hidden = [torch.randn(1, 7, 6) for _ in range(5)]
+    loss = probe.loss(hidden, input_ids, media, targets, table, "image")
+    out = probe.heads["image"](hidden[2][0, [1, 5]])  # the objects: cell 0 (row 0, col 0), cell 3 (1, 1)
+    want = (F.cross_entropy(out[:, :2], torch.tensor([0, 1])) + F.cross_entropy(out[:, 2:], torch.tensor([0, 1]))) / 2
+    assert torch.allclose(loss, want)
+    hidden[2][0, [0, 2, 3, 4, 6]] = 100.0  # plate, background and text positions do not count
+    hidden[1][:] = hidden[3][:] = 100.0  # nor other layers
+    assert torch.allclose(probe.loss(hidden, input_ids, media, targets, table, "image"), want)
+
+
+def test_drop_background_hides_only_background_visual_tokens():
+    import torch
+
+    media, bg = 7, tb_train.BACKGROUND
+    ids = torch.tensor([[0, 1] + [media] * 20 + [2, 3]] * 3)
+    targets = torch.full((3, 20), bg)
+    targets[:, ::4] = 0  # an object in every fourth token
+    targets[1, 1] = 40  # and a plate
+    fresh = lambda: {"input_ids": ids, "attention_mask": torch.ones_like(ids),  # noqa: E731
+                     "position_ids": torch.arange(24).expand(3, -1)}  # fmt: skip
+    batch, rng = fresh(), np.random.default_rng(0)
+    hidden = tb_train.drop_background(batch, media, targets, 1.0, rng)
+    gone = batch["attention_mask"] == 0
+    assert hidden == int(gone.sum()) > 0
+    assert (gone.nonzero()[:, 1] >= 2).all() and (gone.nonzero()[:, 1] < 22).all()  # visual tokens only
+    assert (targets[gone[:, 2:22]] == bg).all()  # never an object or a plate
+    assert (gone.sum(1) <= 0.9 * (targets == bg).sum(1)).all()
+    again = fresh()
+    assert tb_train.drop_background(again, media, targets, 1.0, np.random.default_rng(0)) == hidden
+    assert torch.equal(again["attention_mask"], batch["attention_mask"])  # seeded
+    rng = np.random.default_rng(0)
+    off = fresh()
+    assert tb_train.drop_background(off, media, targets, 0.0, rng) == 0 and bool(off["attention_mask"].all())
+    assert rng.random() == np.random.default_rng(0).random()  # off: the run's random stream is untouched
+    with pytest.raises(ValueError, match="position_ids"):
+        tb_train.drop_background({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, media, targets, 1.0, rng)
+
+@pytest.mark.parametrize("alias", ["testbed-llava", "testbed-qwen2vl"])
+def test_position_hints_label_the_first_object_cell(alias):
+    from mmprune.testbed.shapes import TEMPLATES
+    from mmprune.testbed.vocab import load_processor
+
+    enc = tb_train.Encoder(alias.split("-")[1], load_processor(_shipped(alias)), "cpu", early_answer=True)
+    q = TEMPLATES["position"].format(colour="red", shape="star", colour2="blue", shape2="cross")
+    ids, _, labels = enc.text_batch([q], ["left"], "image", [False], hints=[{q: (6, 3)}])
+    ids, labels_t, labels = ids[0].tolist(), labels[0], labels[0].tolist()
+    star, cross = (ids.index(enc.tok.convert_tokens_to_ids(w)) for w in ("star", "cross"))
+    marked = {j: enc.tok.convert_ids_to_tokens(t) for j, t in enumerate(labels) if t != -100}
+    # the output at "star" names its row, the next one its column, the one at "cross" the answer
+    assert marked[star + 1] == "6" and marked[star + 2] == "3" and marked[cross + 1] == "left"
+    _, _, plain = enc.text_batch([q], ["left"], "image", [False])
+    assert (plain[0] != labels_t).nonzero().flatten().tolist() == [star + 1, star + 2]  # no hint: only those go
+    s = tb_train.generate_split("image", "validation", 10)
+    from mmprune.testbed.shapes import CELL, cell_of, relation, scene_questions
+
+    for scene in s.scenes:  # the hint and the second object's cell give the answer
+        hints = tb_train.position_hints(scene)
+        for q, a in scene_questions(scene).get("position", ()):
+            (b,) = [o for o in scene["objects"] if q.endswith(f" {o['colour']} {o['shape']}?")]
+            assert relation(hints[q], cell_of(b["box"], CELL)) == a

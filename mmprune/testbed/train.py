@@ -31,10 +31,23 @@ Choices worth knowing:
   the star?" is then a copy from the right visual token. On the first grid-aligned CPU run without it,
   both models stayed at the answer priors (llava 25% val accuracy after 300 steps of 32, qwen2vl 26%
   after 123) while the dense loss fell: the LLM had not found the visual tokens yet.
+* **Where things are.** ``--where-weight`` adds each object token's row and column digits to the
+  grounding loss, and ``--position-hints 1`` labels, in position questions, the outputs at the first
+  object's name with that object's row and column (the answer label then sits at the second object):
+  "where is the red star relative to the blue cross?" becomes two lookups and a comparison. Position
+  was the one kind still at chance on the CPU budget (testbed-llava 22-32% val after ~4900 steps).
+  ``--where-probe`` reads row and column with separate heads from the middle layer (:class:`WhereProbe`):
+  the digits in the grounding loss do not say which one is the row.
+* **Token counts that vary.** ``--drop-background P`` hides part of the background visual tokens
+  from the LLM in a fraction P of the samples, as pruning would (:func:`drop_background`), so that
+  counting does not depend on how many tokens an image has: without it every policy at 25% cut
+  testbed-llava's count accuracy from 90% to 37% or less, objects kept or not.
 * **Several questions per image.** Each training image comes with ``--turns`` questions as a
   multi-turn conversation (the item's own first, then others the scene answers:
   :func:`follow_turns`, :func:`mmprune.testbed.shapes.scene_questions`). The image is encoded once, so
   each step supervises ~4x the answers for ~1.5x the time; the eval asks one question, the first turn.
+  ``--kind-weights count=3,...`` asks the kinds still being learned more often in the extra turns
+  (testbed-llava read colour and text at 98-100% while count and position sat at 42% / 24%).
 * **Fast inputs, checked.** Batches are built from uint8 pixels and pre-tokenised prompts (pixels
   normalised and patchified in torch, on the GPU when there is one) instead of calling the processor
   per step; at start-up a few items are built both ways and compared (``fast_path_check`` in the log).
@@ -78,7 +91,7 @@ from typing import Any
 
 import numpy as np
 
-from .shapes import PLURAL, SHAPES
+from .shapes import CELL, PLURAL, SHAPES
 from .tasks import chat_messages, normalize_answer, testbed_prompt
 
 __all__ = ["DEFAULTS", "aux_targets", "chroma_subsample", "main", "parse_args"]
@@ -349,12 +362,15 @@ def generate_split(
     return Split(name, modality, pixels, questions, answers, kinds, aux_arr, token_arr, scenes)
 
 
-def follow_turns(scene: dict, question: str, n: int, rng: np.random.Generator) -> list[tuple[str, str, bool]]:
+def follow_turns(
+    scene: dict, question: str, n: int, rng: np.random.Generator, kind_weights: dict[str, float] | None = None
+) -> list[tuple[str, str, bool]]:
     """``n`` more ``(question, answer, bare)`` turns about a ``shapes`` scene or a ``motion`` clip
     (``scene["size"]`` set), for multi-turn training.
 
-    Each turn picks a question kind uniformly among those the scene answers, then a question of that
-    kind (``exists``: yes or no with equal odds), never repeating one already asked.
+    Each turn picks a question kind among those the scene answers (uniformly, or in proportion to
+    ``kind_weights``, 1 for a kind it omits; 0 never asks it), then a question of that kind (``exists``: yes or no with
+    equal odds), never repeating one already asked.
 
     Example:
         >>> s = generate_split("image", "train", 1).scenes[0]
@@ -367,9 +383,16 @@ def follow_turns(scene: dict, question: str, n: int, rng: np.random.Generator) -
     asked, out = {question}, []
     for _ in range(n):
         kinds = [k for k, v in by_kind.items() if any(q not in asked for q, _ in v)]
+        if kind_weights:  # weight 0 never asks a kind
+            kinds = [k for k in kinds if kind_weights.get(k, 1.0) > 0]
         if not kinds:
             break
-        pool = [qa for qa in by_kind[kinds[int(rng.integers(len(kinds)))]] if qa[0] not in asked]
+        if kind_weights:  # the uniform branch keeps runs without weights bit-identical to earlier ones
+            w = np.array([kind_weights.get(k, 1.0) for k in kinds], dtype=float)
+            kind = kinds[int(rng.choice(len(kinds), p=w / w.sum()))]
+        else:
+            kind = kinds[int(rng.integers(len(kinds)))]
+        pool = [qa for qa in by_kind[kind] if qa[0] not in asked]
         yes = [qa for qa in pool if qa[1] == "yes"]
         if yes and len(yes) < len(pool):  # exists: balance yes and no
             pool = yes if rng.random() < 0.5 else [qa for qa in pool if qa[1] != "yes"]
@@ -377,6 +400,22 @@ def follow_turns(scene: dict, question: str, n: int, rng: np.random.Generator) -
         asked.add(q)
         out.append((q, a, bool(rng.random() < BARE_PROMPT_FRACTION)))
     return out
+
+
+def position_hints(scene: dict) -> dict[str, tuple[int, int]]:
+    """Each ``position`` question a ``shapes`` scene answers, mapped to the grid cell ``(row, column)``
+    of the object it asks about (the first one named); see :meth:`Encoder.early_labels`.
+
+    Example:
+        >>> s = generate_split("image", "train", 1).scenes[0]
+        >>> all(0 <= r < 8 and 0 <= c < 8 for r, c in position_hints(s).values())
+        True
+    """
+    from .shapes import TEMPLATES, cell_of, scene_questions
+
+    where = {TEMPLATES["position"].format(colour=o["colour"], shape=o["shape"], colour2="{c}", shape2="{s}")
+             .split(" relative")[0]: cell_of(o["box"], CELL) for o in scene["objects"]}  # fmt: skip
+    return {q: where[q.split(" relative")[0]] for q, _ in scene_questions(scene).get("position", ())}
 
 
 def text_turn(role: str, text: str) -> dict:
@@ -453,6 +492,7 @@ class Encoder:
         self.early_answer = early_answer  # see early_labels
         vocab = tok.get_vocab()
         self.key_ids = {vocab[w] for w in KEY_WORDS if w in vocab}
+        self.digit_ids = [vocab[str(d)] for d in range(10)]
         # qwen2vl: M-RoPE ids per prompt, computed once with the model's own get_rope_index (which loops
         # in Python over the batch on every forward otherwise); set by enable_fast_positions.
         self.rope_index = None
@@ -515,36 +555,45 @@ class Encoder:
             ]
         return self._answer_cache[answer]
 
-    def early_labels(self, prompt: list[int], answer: list[int]) -> list[int]:
+    def early_labels(self, prompt: list[int], answer: list[int], hint: tuple[int, int] | None = None) -> list[int]:
         """Labels of a prompt: -100, except (with ``early_answer``) the answer's first token right after
         the question's key word (the last of :data:`KEY_WORDS`: the shape asked about, "letter", ...).
 
         The output at the key word then has to hold the answer: the lookup in the visual tokens happens
         where the question names its object (one hop), and the final position copies it from there
         (a second, separately supervised hop) instead of learning both at once from the answer alone.
+
+        ``hint`` (a position question's first object's ``(row, column)``, see :func:`position_hints`)
+        also labels the outputs at the first object's shape word and the word after it with those two
+        digits: the first object is looked up where it is named, so that at the second one the answer
+        is a comparison of two cells already in the residual stream.
         """
         lab = [-100] * len(prompt)
         if self.early_answer:
             keys = [j for j, t in enumerate(prompt) if t in self.key_ids]
             if keys and keys[-1] + 1 < len(prompt):
                 lab[keys[-1] + 1] = answer[0]
+            if hint is not None and len(keys) >= 2 and keys[-2] + 2 < keys[-1]:
+                lab[keys[-2] + 1], lab[keys[-2] + 2] = (self.digit_ids[d] for d in hint)
         return lab
 
-    def text_batch(self, questions, answers, modality, bare, follow=None):
+    def text_batch(self, questions, answers, modality, bare, follow=None, hints=None):
         """Left-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside answers + eos).
 
         ``follow[i]``, if given, lists extra ``(question, answer, bare)`` turns about sample ``i``'s
-        media, appended as a multi-turn conversation (every answer is supervised).
+        media, appended as a multi-turn conversation (every answer is supervised). ``hints[i]``, if
+        given, maps sample ``i``'s position questions to :meth:`early_labels` hints.
         """
         import torch
 
         seqs, labs = [], []
+        hint = lambda i, q: hints[i].get(q) if hints is not None else None  # noqa: E731
         for i, (q, a, b) in enumerate(zip(questions, answers, bare)):
             p, ans = self.prompt_ids(q, modality, bool(b)), self.answer_ids(a)
-            seq, lab = p + ans, self.early_labels(p, ans) + ans
+            seq, lab = p + ans, self.early_labels(p, ans, hint(i, q)) + ans
             for fq, fa, fb in follow[i] if follow is not None else ():
                 p, ans = self.follow_ids(fq, bool(fb)), self.answer_ids(fa)
-                seq, lab = seq + p + ans, lab + self.early_labels(p, ans) + ans
+                seq, lab = seq + p + ans, lab + self.early_labels(p, ans, hint(i, fq)) + ans
             seqs.append(seq)
             labs.append(lab)
         n = max(map(len, seqs))
@@ -579,14 +628,14 @@ class Encoder:
             return {"pixel_values": x, "image_grid_thw": grid}
         return {"pixel_values_videos": x, "video_grid_thw": grid}
 
-    def batch(self, split: Split, idx: np.ndarray, bare: np.ndarray, pixels, follow=None) -> dict:
+    def batch(self, split: Split, idx: np.ndarray, bare: np.ndarray, pixels, follow=None, hints=None) -> dict:
         """Training inputs for items ``idx`` of ``split`` whose uint8 pixels are ``pixels`` (a tensor);
-        ``follow`` as in :meth:`text_batch`."""
+        ``follow`` and ``hints`` as in :meth:`text_batch`."""
         import torch
 
         qs = [split.questions[i] for i in idx]
         ans = [split.answers[i] for i in idx]
-        ids, mask, labels = self.text_batch(qs, ans, split.modality, bare, follow)
+        ids, mask, labels = self.text_batch(qs, ans, split.modality, bare, follow, hints)
         positions = None
         if self.rope_index is not None:
             positions = torch.ones((3, *ids.shape), dtype=torch.long)  # padding gets 1, as get_rope_index
@@ -827,6 +876,46 @@ class AuxHead:
         return total
 
 
+class WhereProbe:
+    """Row and column of each object's visual token, read by two linear heads from the LLM's hidden
+    state halfway up (training only; not saved with the model, like :class:`AuxHead`).
+
+    ``grounding_loss``'s ``where`` term asks one output distribution to name two digits, so it says
+    *which* digits but not which is the row: probed at the shape word, shipped testbed-llava (S7, 1161
+    steps with ``--position-hints``) named the first object's row 86% right and its column 14%
+    (chance: 12.5%) on the 50 validation position questions. Separate heads keep the two apart in
+    the residual stream where the middle layers' attention reads them.
+    """
+
+    def __init__(self, model, grids: dict[str, int], device):
+        import torch
+
+        text = model.config.text_config
+        self.layer = text.num_hidden_layers // 2  # hidden_states[k]: the output of decoder layer k
+        state = torch.random.get_rng_state()
+        torch.manual_seed(54321)  # the heads' init must not depend on (or shift) the model's RNG stream
+        self.heads = {m: torch.nn.Linear(text.hidden_size, 2 * g).to(device) for m, g in grids.items()}
+        torch.random.set_rng_state(state)
+        self.grids = grids
+
+    def parameters(self):
+        return [p for h in self.heads.values() for p in h.parameters()]
+
+    def loss(self, hidden_states, input_ids, media_token: int, token_targets, table, modality: str):
+        """Mean cross-entropy of row and column over the object tokens (plates and background excluded)."""
+        import torch
+        import torch.nn.functional as F
+
+        pos, words, keep = _named_tokens(input_ids, media_token, token_targets, table)
+        obj = keep & (words[:, 0] != words[:, 1])
+        if not bool(obj.any()):
+            return hidden_states[self.layer].sum() * 0.0
+        g = self.grids[modality]
+        cell = torch.arange(words.shape[0], device=words.device)[obj] % (g * g)
+        out = self.heads[modality](hidden_states[self.layer][pos][obj].float())
+        return (F.cross_entropy(out[:, :g], cell // g) + F.cross_entropy(out[:, g:], cell % g)) / 2
+
+
 def word_targets(tokenizer, device):
     """``(N_PATCH_CLASSES, 2)`` token ids naming each dense class: (colour, shape) for an object, the
     character twice for a plate, -1 for background. See :func:`grounding_loss`."""
@@ -846,7 +935,52 @@ def word_targets(tokenizer, device):
     return table.to(device)
 
 
-def grounding_loss(logits, input_ids, media_token: int, token_targets, table):
+def drop_background(batch: dict, media_token: int, token_targets, p: float, rng: np.random.Generator) -> int:
+    """Hide a random part of each sample's background visual tokens from the LLM, in place; returns
+    how many were hidden.
+
+    With probability ``p`` a sample loses a fraction ~ U(0, 0.9) of its background tokens (objects and
+    plates always stay): ``attention_mask`` goes to 0 there while ``position_ids`` keep the original
+    positions, which is exactly what pruning those tokens does (the engine's equivalence tests). A
+    model that only ever saw 64 tokens per image counts by averaging over all of them: shipped
+    testbed-llava (S7) answered ``count`` 90% right unpruned but 16-37% under every policy at 25%,
+    while colour, existence and text kept their unpruned accuracy with the policies that keep the
+    objects. Real VLMs see varying token counts (any-resolution, Qwen2-VL's dynamic resolution).
+    """
+    import torch
+
+    if p <= 0:
+        return 0
+    if "position_ids" not in batch:  # the model would derive positions from the mask: not pruning
+        raise ValueError("drop_background: the batch has no position_ids (qwen2vl needs cached M-RoPE ids)")
+    pos = batch["input_ids"] == media_token
+    background = (token_targets == BACKGROUND).cpu().numpy()
+    hidden = 0
+    for i in range(pos.shape[0]):
+        if rng.random() >= p:
+            continue
+        cols = pos[i].nonzero().flatten()
+        bg = np.flatnonzero(background[i])
+        k = int(len(bg) * rng.uniform(0.0, 0.9))
+        if k:
+            drop = torch.from_numpy(rng.choice(bg, size=k, replace=False)).to(cols.device)
+            batch["attention_mask"][i, cols[drop]] = 0
+            hidden += k
+    return hidden
+
+
+def _named_tokens(input_ids, media_token: int, token_targets, table):
+    """Visual positions (a mask over ``input_ids``), the words naming each visual token (``(n, 2)``:
+    colour and shape, a plate's character twice, -1 for background) and which tokens show something."""
+    pos = input_ids == media_token
+    labels = token_targets.reshape(-1).long()
+    if int(pos.sum()) != labels.numel():  # pragma: no cover - the encoder expands media exactly
+        raise ValueError(f"{int(pos.sum())} visual positions for {labels.numel()} token labels")
+    words = table[labels]
+    return pos, words, words[:, 0] >= 0
+
+
+def grounding_loss(logits, input_ids, media_token: int, token_targets, table, where=None):
     """The LLM names what each visual token shows, in its own output vocabulary.
 
     At every visual-token position holding an object, the LM head's log-probabilities of the object's
@@ -855,19 +989,28 @@ def grounding_loss(logits, input_ids, media_token: int, token_targets, table):
     value to copy is already written in the words the answer uses. Without it testbed-llava sat on the
     answer priors for 300 CPU steps of 32 (25% val accuracy; qwen2vl likewise for the 123 steps it ran)
     although the vision tower's dense loss fell.
+
+    ``where = (grid, digit_ids, weight)`` also makes an object's token name its cell, row and column
+    digits of the ``grid`` x ``grid`` layout (per frame for clips), added with ``weight``. Nothing
+    else asks the LLM's visual positions to keep where they are, and "where is the red star relative
+    to the blue cross?" needs both cells: testbed-llava answered it at chance (22-24%) after 3600
+    steps while colour was at 98% (see ``--where-weight``).
     """
     import torch
 
-    pos = input_ids == media_token
-    labels = token_targets.reshape(-1).long()
-    if int(pos.sum()) != labels.numel():  # pragma: no cover - the encoder expands media exactly
-        raise ValueError(f"{int(pos.sum())} visual positions for {labels.numel()} token labels")
-    words = table[labels]  # (n, 2)
-    keep = words[:, 0] >= 0
+    pos, words, keep = _named_tokens(input_ids, media_token, token_targets, table)
     if not bool(keep.any()):
         return logits.sum() * 0.0
     logp = torch.log_softmax(logits[pos][keep].float(), dim=-1)
-    return -logp.gather(1, words[keep]).mean()
+    loss = -logp.gather(1, words[keep]).mean()
+    if where is not None:
+        grid, digits, weight = where
+        obj = words[keep][:, 0] != words[keep][:, 1]  # plates name their character twice
+        if bool(obj.any()):
+            cell = torch.arange(words.shape[0], device=words.device)[keep] % (grid * grid)
+            rc = digits[torch.stack([cell // grid, cell % grid], dim=1)]  # (n, 2) digit ids
+            loss = loss - weight * logp[obj].gather(1, rc[obj]).mean()
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -956,6 +1099,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--aux-weight", type=float, default=AUX_WEIGHT)
     ap.add_argument("--ground-weight", type=float, default=GROUND_WEIGHT, help="see grounding_loss")
+    ap.add_argument(
+        "--position-hints", type=int, choices=(0, 1), default=0,
+        help="label the first object's row and column in position questions (see Encoder.early_labels)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--where-weight", type=float, default=0.0,
+        help="weight of the row/column digits in the grounding loss (see grounding_loss; 0: off)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--where-probe", type=float, default=0.0,
+        help="weight of the row/column heads on the LLM's middle hidden state (see WhereProbe; 0: off)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--drop-background", type=float, default=0.0, metavar="P",
+        help="odds that a sample hides up to 90%% of its background visual tokens (see drop_background; 0: off)",
+    )  # fmt: skip
     ap.add_argument("--video-turns", type=int, default=None, help="questions per training clip (default: --turns)")
     ap.add_argument(
         "--early-answer", type=int, choices=(0, 1), default=1,
@@ -968,6 +1127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--init-from", default=None,
         help="start from the weights in this folder (one this script wrote); its train_log.json is kept in ours",
+    )  # fmt: skip
+    ap.add_argument(
+        "--kind-weights", default=None, metavar="KIND=W,...",
+        help="odds of each question kind in the extra turns (default: all 1), e.g. count=3,position=3,colour=0.5",
     )  # fmt: skip
     ap.add_argument(
         "--turns", type=int, default=TURNS,
@@ -989,7 +1152,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, k, d[k])
     if args.model == "llava":
         args.train_clips = 0
+    args.kind_weights = _kind_weights(ap, args.kind_weights)
     return args
+
+
+QUESTION_KINDS = ("colour", "count", "position", "exists", "text", "direction", "order", "colour_change")
+
+
+def _kind_weights(ap: argparse.ArgumentParser, text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        kind, _, w = part.partition("=")
+        try:
+            out[kind.strip()] = float(w)
+        except ValueError:
+            ap.error(f"--kind-weights: {part!r} is not KIND=NUMBER")
+        if kind.strip() not in QUESTION_KINDS or out[kind.strip()] < 0:
+            ap.error(f"--kind-weights: {part!r}: kinds are {', '.join(QUESTION_KINDS)}, weights >= 0")
+    return out
 
 
 def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -1125,7 +1307,10 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"vision attention patch: {vision_patch}; cached M-RoPE ids: {fast_positions}")
     aux = AuxHead(model, args.model, train["image"].aux.shape[1], device) if args.aux_weight > 0 else None
     words = word_targets(processor.tokenizer, device)
-    params = list(model.parameters()) + (aux.parameters() if aux else [])
+    digit_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list("0123456789")), device=device)
+    where_grid = {"image": IMAGE_SIZE // CELL, "video": CLIP_SIZE // CELL}  # cells per side (one token each)
+    where_probe = WhereProbe(model, where_grid, device) if args.where_probe > 0 else None
+    params = list(model.parameters()) + (aux.parameters() if aux else []) + (where_probe.parameters() if where_probe else [])
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -1201,7 +1386,12 @@ def main(argv: list[str] | None = None) -> dict:
             "turns": args.turns,
             "video_turns": args.video_turns if args.video_turns is not None else args.turns,
             "early_answer": bool(args.early_answer),
+            "kind_weights": args.kind_weights,
             "ground_weight": args.ground_weight,
+            "where_weight": args.where_weight,
+            "where_probe": args.where_probe,
+            "drop_background": args.drop_background,
+            "position_hints": bool(args.position_hints),
             "bare_prompt_fraction": BARE_PROMPT_FRACTION,
             "train_items": {task_name[k]: len(v) for k, v in train.items()},
             "device": torch.cuda.get_device_name(device)
@@ -1268,15 +1458,21 @@ def main(argv: list[str] | None = None) -> dict:
         turns = args.turns if modality == "image" or args.video_turns is None else args.video_turns
         if turns > 1 and train[modality].scenes:
             follow = [
-                follow_turns(train[modality].scenes[i], train[modality].questions[i], turns - 1, rng)
+                follow_turns(train[modality].scenes[i], train[modality].questions[i], turns - 1, rng, args.kind_weights)
                 for i in idx
             ]
-        batch = encoder.batch(train[modality], idx, bare, pixels=pix, follow=follow)
+        hints = None
+        if args.position_hints and modality == "image":
+            hints = [position_hints(train[modality].scenes[i]) for i in idx]
+        batch = encoder.batch(train[modality], idx, bare, pixels=pix, follow=follow, hints=hints)
+        if args.drop_background > 0:
+            tokens = tok_t[modality][idx_t.to(device)].reshape(len(idx), -1)
+            drop_background(batch, encoder.media_token[modality], tokens, args.drop_background, rng)
         lr = _lr_at(step, total if total is not None else 10**9, args.warmup, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
         t_step = time.time()
-        outputs = model(**batch)
+        outputs = model(**batch, **({"output_hidden_states": True} if where_probe else {}))
         loss = outputs.loss
         extra = []  # weighted auxiliary terms
         if aux is not None:
@@ -1288,6 +1484,12 @@ def main(argv: list[str] | None = None) -> dict:
             extra.append(args.ground_weight * grounding_loss(
                 outputs.logits, batch["input_ids"], encoder.media_token[modality],
                 tok_t[modality][idx_t.to(device)], words,
+                (where_grid[modality], digit_ids, args.where_weight) if args.where_weight > 0 else None,
+            ))  # fmt: skip
+        if where_probe is not None:
+            extra.append(args.where_probe * where_probe.loss(
+                outputs.hidden_states, batch["input_ids"], encoder.media_token[modality],
+                tok_t[modality][idx_t.to(device)], words, modality,
             ))  # fmt: skip
         aux_loss = sum(extra) if extra else None
         total_loss = loss + aux_loss if aux_loss is not None else loss
