@@ -945,7 +945,10 @@ def drop_background(batch: dict, media_token: int, token_targets, p: float, rng:
     model that only ever saw 64 tokens per image counts by averaging over all of them: shipped
     testbed-llava (S7) answered ``count`` 90% right unpruned but 16-37% under every policy at 25%,
     while colour, existence and text kept their unpruned accuracy with the policies that keep the
-    objects. Real VLMs see varying token counts (any-resolution, Qwen2-VL's dynamic resolution).
+    objects. On 50 validation count questions (answer token, teacher-forced), keeping *every* object
+    token and background up to 16 of 64 took it from 94% to 30%, no better than 16 random tokens
+    (30%); 625 steps with ``P = 0.5`` made that 78% -> 68% (random: 26%). Real VLMs see varying
+    token counts too (any-resolution tiling, Qwen2-VL's dynamic resolution).
     """
     import torch
 
