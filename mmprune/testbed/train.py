@@ -903,17 +903,15 @@ class WhereProbe:
 
     def loss(self, hidden_states, input_ids, media_token: int, token_targets, table, modality: str):
         """Mean cross-entropy of row and column over the object tokens (plates and background excluded)."""
-        import torch
         import torch.nn.functional as F
 
-        pos, words, keep = _named_tokens(input_ids, media_token, token_targets, table)
-        obj = keep & (words[:, 0] != words[:, 1])
+        pos, _, _, obj = _named_tokens(input_ids, media_token, token_targets, table)
         if not bool(obj.any()):
             return hidden_states[self.layer].sum() * 0.0
         g = self.grids[modality]
-        cell = torch.arange(words.shape[0], device=words.device)[obj] % (g * g)
+        row, col = _row_col(obj, g)
         out = self.heads[modality](hidden_states[self.layer][pos][obj].float())
-        return (F.cross_entropy(out[:, :g], cell // g) + F.cross_entropy(out[:, g:], cell % g)) / 2
+        return (F.cross_entropy(out[:, :g], row) + F.cross_entropy(out[:, g:], col)) / 2
 
 
 def word_targets(tokenizer, device):
@@ -957,7 +955,7 @@ def drop_background(batch: dict, media_token: int, token_targets, p: float, rng:
     if "position_ids" not in batch:  # the model would derive positions from the mask: not pruning
         raise ValueError("drop_background: the batch has no position_ids (qwen2vl needs cached M-RoPE ids)")
     pos = batch["input_ids"] == media_token
-    background = (token_targets == BACKGROUND).cpu().numpy()
+    background = (token_targets.reshape(pos.shape[0], -1) == BACKGROUND).cpu().numpy()  # clips: frames flat
     hidden = 0
     for i in range(pos.shape[0]):
         if rng.random() >= p:
@@ -974,13 +972,24 @@ def drop_background(batch: dict, media_token: int, token_targets, p: float, rng:
 
 def _named_tokens(input_ids, media_token: int, token_targets, table):
     """Visual positions (a mask over ``input_ids``), the words naming each visual token (``(n, 2)``:
-    colour and shape, a plate's character twice, -1 for background) and which tokens show something."""
+    colour and shape, a plate's character twice, -1 for background), which tokens show something and
+    which show an object (not a plate)."""
     pos = input_ids == media_token
     labels = token_targets.reshape(-1).long()
     if int(pos.sum()) != labels.numel():  # pragma: no cover - the encoder expands media exactly
         raise ValueError(f"{int(pos.sum())} visual positions for {labels.numel()} token labels")
     words = table[labels]
-    return pos, words, words[:, 0] >= 0
+    keep = words[:, 0] >= 0
+    return pos, words, keep, keep & (words[:, 0] != words[:, 1])  # plates name their character twice
+
+
+def _row_col(mask, grid: int):
+    """Row and column, in a ``grid`` x ``grid`` layout (per frame for clips), of the visual tokens
+    ``mask`` selects (tokens are in raster order, ``grid * grid`` per image or frame)."""
+    import torch
+
+    cell = torch.arange(mask.numel(), device=mask.device)[mask] % (grid * grid)
+    return cell // grid, cell % grid
 
 
 def grounding_loss(logits, input_ids, media_token: int, token_targets, table, where=None):
@@ -1001,17 +1010,16 @@ def grounding_loss(logits, input_ids, media_token: int, token_targets, table, wh
     """
     import torch
 
-    pos, words, keep = _named_tokens(input_ids, media_token, token_targets, table)
+    pos, words, keep, objects = _named_tokens(input_ids, media_token, token_targets, table)
     if not bool(keep.any()):
         return logits.sum() * 0.0
     logp = torch.log_softmax(logits[pos][keep].float(), dim=-1)
     loss = -logp.gather(1, words[keep]).mean()
     if where is not None:
         grid, digits, weight = where
-        obj = words[keep][:, 0] != words[keep][:, 1]  # plates name their character twice
+        obj = objects[keep]
         if bool(obj.any()):
-            cell = torch.arange(words.shape[0], device=words.device)[keep] % (grid * grid)
-            rc = digits[torch.stack([cell // grid, cell % grid], dim=1)]  # (n, 2) digit ids
+            rc = digits[torch.stack(_row_col(keep, grid), dim=1)]  # (n, 2) digit ids
             loss = loss - weight * logp[obj].gather(1, rc[obj]).mean()
     return loss
 
@@ -1310,7 +1318,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"vision attention patch: {vision_patch}; cached M-RoPE ids: {fast_positions}")
     aux = AuxHead(model, args.model, train["image"].aux.shape[1], device) if args.aux_weight > 0 else None
     words = word_targets(processor.tokenizer, device)
-    digit_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list("0123456789")), device=device)
+    digit_ids = torch.tensor(encoder.digit_ids, device=device)
     where_grid = {"image": IMAGE_SIZE // CELL, "video": CLIP_SIZE // CELL}  # cells per side (one token each)
     where_probe = WhereProbe(model, where_grid, device) if args.where_probe > 0 else None
     params = list(model.parameters()) + (aux.parameters() if aux else []) + (where_probe.parameters() if where_probe else [])
@@ -1468,8 +1476,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.position_hints and modality == "image":
             hints = [position_hints(train[modality].scenes[i]) for i in idx]
         batch = encoder.batch(train[modality], idx, bare, pixels=pix, follow=follow, hints=hints)
+        tokens = tok_t[modality][idx_t.to(device)]  # each visual token's dense class
         if args.drop_background > 0:
-            tokens = tok_t[modality][idx_t.to(device)].reshape(len(idx), -1)
             drop_background(batch, encoder.media_token[modality], tokens, args.drop_background, rng)
         lr = _lr_at(step, total if total is not None else 10**9, args.warmup, args.lr)
         for g in opt.param_groups:
@@ -1480,19 +1488,17 @@ def main(argv: list[str] | None = None) -> dict:
         extra = []  # weighted auxiliary terms
         if aux is not None:
             targets = aux_t[modality][idx_t.to(device)] if modality in aux_t else None
-            a = aux.loss(targets, tok_t[modality][idx_t.to(device)], len(idx))
+            a = aux.loss(targets, tokens, len(idx))
             if a is not None:
                 extra.append(args.aux_weight * a)
         if args.ground_weight > 0:
             extra.append(args.ground_weight * grounding_loss(
-                outputs.logits, batch["input_ids"], encoder.media_token[modality],
-                tok_t[modality][idx_t.to(device)], words,
+                outputs.logits, batch["input_ids"], encoder.media_token[modality], tokens, words,
                 (where_grid[modality], digit_ids, args.where_weight) if args.where_weight > 0 else None,
             ))  # fmt: skip
         if where_probe is not None:
             extra.append(args.where_probe * where_probe.loss(
-                outputs.hidden_states, batch["input_ids"], encoder.media_token[modality],
-                tok_t[modality][idx_t.to(device)], words, modality,
+                outputs.hidden_states, batch["input_ids"], encoder.media_token[modality], tokens, words, modality,
             ))  # fmt: skip
         aux_loss = sum(extra) if extra else None
         total_loss = loss + aux_loss if aux_loss is not None else loss
