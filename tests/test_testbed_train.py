@@ -222,15 +222,33 @@ def test_shipped_model_answers_test_items(alias, kind):
     assert abs(acc - log["test"]["shapes"]["accuracy"]) < 0.3  # the logged test accuracy is what loads
 
 
-@pytest.mark.xfail(
-    reason="weights still in training (issue 6): llava shapes 0.846, qwen2vl 0.612 / motion 0.446", strict=False
+QWEN_IN_TRAINING = pytest.mark.xfail(
+    reason="weights still in training (issue 6): qwen2vl shapes 0.656 / motion 0.466", strict=False
 )
-@pytest.mark.parametrize("alias", ["testbed-llava", "testbed-qwen2vl"])
+
+
+@pytest.mark.parametrize("alias", ["testbed-llava", pytest.param("testbed-qwen2vl", marks=QWEN_IN_TRAINING)])
 def test_shipped_model_meets_issue_targets(alias):
     log = json.loads((_shipped(alias) / "train_log.json").read_text())
     assert log["test"]["shapes"]["accuracy"] >= 0.85
     if alias == "testbed-qwen2vl":
         assert log["test"]["motion"]["accuracy"] >= 0.70
+
+
+@pytest.mark.parametrize("setup", ["testbed-llava:shapes", "testbed-qwen2vl:shapes", "testbed-qwen2vl:motion"])
+def test_recorded_sweep_is_of_the_shipped_weights_and_discriminates(setup):
+    """benchmarks/results/testbed_sweep.json (the README's table) was measured with the weights shipped now
+    (its unpruned full-split score is the one train_log.json records), and meets the issue's two checks."""
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/testbed_sweep.json").read_text())
+    checks = recorded["checks"][setup]
+    alias, task = setup.split(":")
+    none = [r for r in recorded["runs"][setup] if r["policy"] == "none"][0]
+    if none["n"] == 500:  # motion was swept on its first 200 clips; the log holds all 500
+        log = json.loads((_shipped(alias) / "train_log.json").read_text())
+        assert checks["unpruned"] == pytest.approx(100 * log["test"][task]["accuracy"])
+    assert checks["random_drop_points"] >= 10 and checks["best_0.25_fraction_of_unpruned"] >= 0.97
 
 
 def test_testbed_sweep_table_and_checks():
