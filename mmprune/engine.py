@@ -37,6 +37,7 @@ generations, never see each other's state.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,22 @@ from .policies.base import Plan, Tokens, resolve_budget
 from .traces import StageTrace, Trace
 
 _IDS = itertools.count()
+
+
+def _cache_of(kwargs: dict):
+    """The KV cache a forward call was given: inside the language model transformers < 5.24 names it
+    ``past_key_values``, 5.24 ``cache`` (the top-level model still takes ``past_key_values``)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+@functools.cache
+def _cache_kw(fn) -> str:
+    """The name ``create_causal_mask`` (or the sliding-window one) takes the cache under (5.24: ``cache``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
 
 # Signals captured in the vision tower (adapter.vision_capture), per visual token.
 VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups")
@@ -286,7 +303,7 @@ class Engine:
         self.call, self.run, self.decode_state, self.decode_masks, self.decode_lm_mask = None, None, None, {}, None
         if not self.enabled:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         state = getattr(cache, "_mmprune", None) if cache is not None else None
         if state is not None and state.owner == self.id and cache.get_seq_length() > 0:
             self.call = CallCtx(decode=True)
@@ -403,7 +420,7 @@ class Engine:
             return None
         if ctx.decode:
             return self._lm_decode(args, kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return None  # continuing from a cache we did not prune: leave untouched
         x = kwargs.get("inputs_embeds")
@@ -470,7 +487,7 @@ class Engine:
         return args, kwargs
 
     def _lm_decode(self, args, kwargs):
-        state, cache = self.decode_state, kwargs.get("past_key_values")
+        state, cache = self.decode_state, _cache_of(kwargs)
         mask = kwargs.get("attention_mask")
         ref = kwargs.get("inputs_embeds")
         q = ref.shape[1]
@@ -583,7 +600,7 @@ class Engine:
             if lm_mask is None:  # the top-level hook synthesises one, so only a direct LM call lands here
                 raise ValueError("decoding after in-LLM pruning needs a 2-D attention_mask; got None")
             mask2d = torch.cat([prompt.to(lm_mask.device, lm_mask.dtype), lm_mask[:, p:]], dim=1)
-            self.decode_masks[key] = self._make_mask(hidden, mask2d, kwargs.get("past_key_values"), i, ltype)
+            self.decode_masks[key] = self._make_mask(hidden, mask2d, _cache_of(kwargs), i, ltype)
         kwargs["attention_mask"] = self.decode_masks[key]
         return args, kwargs
 
@@ -595,7 +612,7 @@ class Engine:
             config=self.lm.config,
             inputs_embeds=hidden,
             attention_mask=mask2d,
-            past_key_values=cache,
+            **{_cache_kw(fn): cache},
             position_ids=None,
             layer_idx=layer_idx,
         )
