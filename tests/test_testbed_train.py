@@ -222,12 +222,7 @@ def test_shipped_model_answers_test_items(alias, kind):
     assert abs(acc - log["test"]["shapes"]["accuracy"]) < 0.3  # the logged test accuracy is what loads
 
 
-QWEN_IN_TRAINING = pytest.mark.xfail(
-    reason="weights still in training (issue 6): qwen2vl shapes 0.660 / motion 0.516", strict=False
-)
-
-
-@pytest.mark.parametrize("alias", ["testbed-llava", pytest.param("testbed-qwen2vl", marks=QWEN_IN_TRAINING)])
+@pytest.mark.parametrize("alias", ["testbed-llava", "testbed-qwen2vl"])
 def test_shipped_model_meets_issue_targets(alias):
     log = json.loads((_shipped(alias) / "train_log.json").read_text())
     assert log["test"]["shapes"]["accuracy"] >= 0.85

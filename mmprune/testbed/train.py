@@ -787,7 +787,7 @@ def patch_qwen_vision_attention(model, encoder: Encoder, image_split: Split | No
     report: dict[str, Any] = {"installed": False}
     if image_split is None or not len(image_split):
         return report
-    px = encoder.pixels(torch.from_numpy(np.asarray(image_split.pixels[:2])), "image")
+    px = encoder.pixels(torch.from_numpy(np.array(image_split.pixels[:2])), "image")  # a copy: the split is a read-only memmap
     with torch.no_grad():
         ref = model.model.visual(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output
         for a in attns:
