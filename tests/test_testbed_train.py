@@ -371,3 +371,57 @@ def test_position_hints_label_the_first_object_cell(alias):
         for q, a in scene_questions(scene).get("position", ()):
             (b,) = [o for o in scene["objects"] if q.endswith(f" {o['colour']} {o['shape']}?")]
             assert relation(hints[q], cell_of(b["box"], CELL)) == a
+
+
+def test_bf16_autocast_keeps_attention_in_fp32_and_restores_it():
+    """--precision bf16: matmuls in bf16, attention in fp32 (see Bf16Autocast), the name put back."""
+    import torch
+    import torch.nn.functional as F
+
+    orig = F.scaled_dot_product_attention
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    lin = torch.nn.Linear(8, 8)
+    with tb_train.Bf16Autocast("cpu"):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert lin(q.float()).dtype == torch.bfloat16
+    assert F.scaled_dot_product_attention is orig
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, orig(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16())
+    with pytest.raises(KeyError), tb_train.Bf16Autocast("cpu"):
+        raise KeyError("an error inside the step")
+    assert F.scaled_dot_product_attention is orig
+    with tb_train.Bf16Autocast("cpu", enabled=False):
+        assert F.scaled_dot_product_attention is orig and lin(q.float()).dtype == torch.float32
+
+
+def test_bf16_autocast_patch_conv3d_is_the_matmul_it_equals():
+    """qwen2vl's patch embedding (a conv3d over exactly one kernel) runs as a matmul under --precision bf16."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 16, (2, 14, 14), stride=(2, 14, 14), bias=False)
+    one, many = torch.randn(7, 3, 2, 14, 14), torch.randn(2, 3, 4, 28, 42)
+    as_matmul = tb_train.Bf16Autocast._one_patch_conv3d(F.conv3d)
+    assert torch.allclose(as_matmul(one, conv.weight, None, conv.stride), conv(one), atol=1e-5)
+    assert torch.equal(as_matmul(many, conv.weight, None, conv.stride), conv(many))  # not one patch: the conv
+    with tb_train.Bf16Autocast("cpu"):
+        got = conv(one)
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), conv(one), atol=0.05, rtol=0.02)
+    assert F.conv3d is not as_matmul and F.conv3d.__name__ == "conv3d"  # restored
+
+
+@pytest.mark.parametrize("model", ["llava", "qwen2vl"])
+def test_bf16_training_tracks_fp32_and_saves_fp32_weights(model, tmp_path, cache):
+    args = ["--model", model, "--data-cache", cache, *TINY, "--steps", "8", "--test-items", "2",
+            "--where-weight", "0.5", "--where-probe", "1", "--drop-background", "0.5"]  # fmt: skip
+    fp32 = tb_train.main([*args, "--out", str(tmp_path / "a")])
+    bf16 = tb_train.main([*args, "--out", str(tmp_path / "b"), "--precision", "bf16"])
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    la = [h["loss_image"] for h in fp32["history"] if "loss_image" in h]
+    lb = [h["loss_image"] for h in bf16["history"] if "loss_image" in h]
+    assert len(la) == len(lb) and lb[-1] < lb[0]
+    assert np.allclose(la, lb, rtol=0.05), (la, lb)  # bf16 rounding, not another run
+    assert la != lb  # and bf16 did run
+    assert all(w.dtype == np.float32 for w in _weights(tmp_path / "b").values())

@@ -66,8 +66,13 @@ Choices worth knowing:
   stage from saved weights (its log is nested under ``init_from`` in the new one) and ``--stop-at N``
   reproduces a stage that was stopped at a checkpoint, so a chain of stages replays exactly.
 
-The shipped weights were trained on this machine's 2 CPU cores, both models at once (one thread
-each), in chained stages; every stage's exact command is in each model's ``train_log.json``.
+* **bf16 on the CPU.** ``--precision bf16`` autocasts the training forward pass (:class:`Bf16Autocast`;
+  attention and qwen2vl's patch embedding stay fp32, whose CPU kernels are slower in bf16): 825 vs
+  1096 ms per llava step on 2 AMX-bf16 cores. Weights, optimizer state and evaluation stay fp32.
+
+testbed-llava was trained by one command from scratch (3586 steps, 54 min on this machine's 2 CPU
+cores, ``--precision bf16``); testbed-qwen2vl in chained stages. Each model's exact command is in its
+``train_log.json`` (the stages' nested under ``init_from``).
 
 Example:
     >>> main(["--model", "llava", "--out", "/tmp/tb", "--steps", "2", "--batch-size", "2",
@@ -757,6 +762,88 @@ def enable_fast_positions(model, encoder: Encoder, splits: dict[str, Split]) -> 
 # Model helpers
 
 
+class Bf16Autocast:
+    """``torch.autocast`` to bfloat16 for a training forward pass, with attention and qwen2vl's patch
+    embedding kept in float32 on the CPU.
+
+    On this CPU (AMX-bf16, 2 threads) a bf16 matmul of the LLM's shapes runs 2.9x faster than fp32
+    (9600x256 @ 256x704: 5.3 vs 15.3 ms), but PyTorch's CPU kernels for two other ops are slower in
+    bf16: flash-attention's backward 2.4x (32x4x170x64 with a padding mask: 80 vs 33 ms), which ate the
+    whole gain on llava (1096 ms per step either way; 806 ms with fp32 attention), and the conv3d of
+    qwen2vl's patch embedding (its backward 1.26 s per step: a bf16 step took 3.1 s against 2.2 s in
+    fp32). So on the CPU, while the context is active, ``scaled_dot_product_attention`` and
+    ``conv3d`` -- looked up through ``torch.nn.functional`` at call time by transformers' SDPA path,
+    :func:`_batched_vision_attention` and ``nn.Conv3d`` -- get float32 inputs and return the caller's
+    dtype, and a conv3d over exactly one kernel (that patch embedding) is the matmul it equals: 1242 ms
+    per qwen2vl step (median of a 2078-step run). The names are restored on exit. llava's conv2d stays bf16 (its backward is 62 vs
+    21 ms, but the shipped weights were trained so). On CUDA nothing is redirected (fast kernels
+    there). Weights, gradients and the optimizer stay float32 either way.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(4, 4)
+        >>> with Bf16Autocast("cpu"):
+        ...     lin(torch.ones(2, 4)).dtype
+        torch.bfloat16
+    """
+
+    FP32_OPS = ("scaled_dot_product_attention", "conv3d")
+
+    def __init__(self, device_type: str, enabled: bool = True):
+        import torch
+
+        self.device_type, self.enabled = device_type, enabled
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
+        self.saved: dict[str, Any] = {}
+
+    def _in_fp32(self, fn):
+        import torch
+
+        def up(t):
+            return t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t
+
+        def wrapper(*args, **kwargs):
+            with torch.autocast(self.device_type, enabled=False):
+                out = fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+            return out.to(args[0].dtype)
+
+        return wrapper
+
+    @staticmethod
+    def _one_patch_conv3d(conv3d):
+        """Qwen2-VL's patch embedding is a conv3d whose input is exactly one kernel (patches are cut
+        before), i.e. a matmul. oneDNN's fp32 conv3d took 77 ms forward and 170 ms backward per step
+        here; as the matmul a qwen2vl bf16 step went from 1805 to 1409 ms (8 steps, profiled)."""
+        import torch.nn.functional as F
+
+        def wrapper(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+            one = tuple(x.shape[2:]) == tuple(weight.shape[2:]) and groups == 1 and padding in (0, (0, 0, 0))
+            if not one:
+                return conv3d(x, weight, bias, stride, padding, dilation, groups)
+            return F.linear(x.flatten(1), weight.flatten(1), bias)[:, :, None, None, None]
+
+        return wrapper
+
+    def __enter__(self):
+        import torch.nn.functional as F
+
+        self.autocast.__enter__()
+        if self.enabled and self.device_type == "cpu":
+            for name in self.FP32_OPS:
+                self.saved[name] = getattr(F, name)
+                setattr(F, name, self._in_fp32(self.saved[name]))
+            F.conv3d = self._one_patch_conv3d(F.conv3d)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.nn.functional as F
+
+        for name, fn in self.saved.items():
+            setattr(F, name, fn)
+        self.saved = {}
+        return self.autocast.__exit__(*exc)
+
+
 def _batched_vision_attention(
     self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs
 ):
@@ -862,7 +949,8 @@ class AuxHead:
         """Sum of the presence loss (images) and the dense loss; None when the hook saw nothing."""
         import torch.nn.functional as F
 
-        pooled, tokens = self.pooled, self.tokens
+        # fp32 heads (outside --precision bf16's autocast): qwen2vl's merger output is bf16 there
+        pooled, tokens = (None if t is None else t.float() for t in (self.pooled, self.tokens))
         self.pooled = self.tokens = None
         total = None
         if tokens is not None and token_targets is not None:
@@ -1153,6 +1241,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="hard limit for the whole run: training stops early (logged) to leave time for the test",
     )
+    ap.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32",
+        help="bf16: autocast the training forward pass to bfloat16 (fp32 weights, optimizer and evaluation; see Bf16Autocast)",
+    )  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="a tiny model (tests only)")
     args = ap.parse_args(argv)  # fmt: skip
     d = DEFAULTS[args.model]
@@ -1404,6 +1496,7 @@ def main(argv: list[str] | None = None) -> dict:
             "drop_background": args.drop_background,
             "position_hints": bool(args.position_hints),
             "bare_prompt_fraction": BARE_PROMPT_FRACTION,
+            "precision": args.precision,
             "train_items": {task_name[k]: len(v) for k, v in train.items()},
             "device": torch.cuda.get_device_name(device)
             if use_cuda
@@ -1483,7 +1576,8 @@ def main(argv: list[str] | None = None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         t_step = time.time()
-        outputs = model(**batch, **({"output_hidden_states": True} if where_probe else {}))
+        with Bf16Autocast(device.type, enabled=args.precision == "bf16"):
+            outputs = model(**batch, **({"output_hidden_states": True} if where_probe else {}))
         loss = outputs.loss
         extra = []  # weighted auxiliary terms
         if aux is not None:
