@@ -775,9 +775,10 @@ class Bf16Autocast:
     ``conv3d`` -- looked up through ``torch.nn.functional`` at call time by transformers' SDPA path,
     :func:`_batched_vision_attention` and ``nn.Conv3d`` -- get float32 inputs and return the caller's
     dtype, and a conv3d over exactly one kernel (that patch embedding) is the matmul it equals: 1242 ms
-    per qwen2vl step (median of a 2078-step run). The names are restored on exit. llava's conv2d stays bf16 (its backward is 62 vs
-    21 ms, but the shipped weights were trained so). On CUDA nothing is redirected (fast kernels
-    there). Weights, gradients and the optimizer stay float32 either way.
+    per qwen2vl step (median of a 2078-step run). The names are restored on exit. llava's conv2d
+    stays bf16 (its backward is 62 vs 21 ms, but the shipped weights were trained so). On CUDA
+    nothing is redirected (fast kernels there). Weights, gradients and the optimizer stay float32
+    either way.
 
     Example:
         >>> import torch
