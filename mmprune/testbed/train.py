@@ -1531,6 +1531,7 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "train_log.json").write_text(json.dumps(record, indent=1))
         return record
 
+    amp = Bf16Autocast(device.type, enabled=args.precision == "bf16")  # re-entered at every step
     model.train()
     torch.manual_seed(args.seed + 1)  # dropout-free model; this only pins any stray randomness
     t_train = time.time()
@@ -1577,7 +1578,7 @@ def main(argv: list[str] | None = None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         t_step = time.time()
-        with Bf16Autocast(device.type, enabled=args.precision == "bf16"):
+        with amp:
             outputs = model(**batch, **({"output_hidden_states": True} if where_probe else {}))
         loss = outputs.loss
         extra = []  # weighted auxiliary terms
