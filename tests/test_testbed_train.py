@@ -425,3 +425,110 @@ def test_bf16_training_tracks_fp32_and_saves_fp32_weights(model, tmp_path, cache
     assert np.allclose(la, lb, rtol=0.05), (la, lb)  # bf16 rounding, not another run
     assert la != lb  # and bf16 did run
     assert all(w.dtype == np.float32 for w in _weights(tmp_path / "b").values())
+
+
+def test_bf16_math_attention_matches_fp32_and_keeps_long_unmasked_keys_flash():
+    """--bf16-attention 1: bf16 math attention (masked, causal or <= MATH_MAX_KEYS keys) equals fp32 SDPA
+    to bf16 rounding, GQA and fully masked padding rows included; longer unmasked keys stay fp32 flash."""
+    import torch
+    import torch.nn.functional as F
+
+    orig = F.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    b, h, kv, length, d = 3, 4, 2, 37, 16  # odd length, 2 query heads per KV head
+    q = torch.randn(b, h, length, d, generator=g)
+    k, v = (torch.randn(b, kv, length, d, generator=g) for _ in range(2))
+    pad = torch.ones(b, 1, length, length, dtype=torch.bool).tril()
+    pad[0, ..., :5] = False  # item 0 left-padded by 5: its first 5 query rows see nothing
+    additive = torch.zeros(b, 1, length, length).masked_fill(~pad, torch.finfo(torch.float32).min)
+    cases = [
+        ({"attn_mask": pad}, (slice(1, None), slice(None))),  # rows with no key are undefined in SDPA
+        ({"attn_mask": additive}, (slice(None), slice(5, None))),
+        ({"is_causal": True}, (slice(None), slice(None))),
+        ({}, (slice(None), slice(None))),  # 37 keys: short enough for math attention
+    ]
+    bf = [t.bfloat16() for t in (q, k, v)]
+    for kwargs, (items, rows) in cases:
+        ref = orig(q, k, v, enable_gqa=True, **kwargs)
+        with tb_train.Bf16Autocast("cpu", math_attention=True):
+            got = F.scaled_dot_product_attention(*bf, enable_gqa=True, **kwargs)
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all(), kwargs
+        err = (got.float() - ref)[items][:, :, rows].abs().max().item()
+        assert err < 0.03, (kwargs, err)
+    assert F.scaled_dot_product_attention is orig
+    long_q, long_k, long_v = (torch.randn(2, 2, tb_train.Bf16Autocast.MATH_MAX_KEYS + 3, 8).bfloat16() for _ in range(3))
+    with tb_train.Bf16Autocast("cpu", math_attention=True):
+        got = F.scaled_dot_product_attention(long_q, long_k, long_v)
+    assert torch.equal(got, orig(long_q.float(), long_k.float(), long_v.float()).bfloat16())  # the fp32 kernel
+
+
+def test_chroma_subsample_clip_by_clip_equals_the_whole_batch():
+    import torch
+
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 256, (3, 5, 6, 10, 3), dtype=np.uint8)  # odd clip and frame counts
+    whole = tb_train._chroma_subsample(torch.from_numpy(clips))  # one pass over the batch
+    assert torch.equal(tb_train.chroma_subsample(torch.from_numpy(clips)), whole)
+    assert np.array_equal(tb_train.chroma_subsample(clips), whole.numpy())
+    assert np.array_equal(tb_train.chroma_subsample(clips[1]), whole[1].numpy())  # one clip
+
+
+@pytest.mark.parametrize("alias", ["testbed-llava", "testbed-qwen2vl"])
+def test_encoder_pixels_equal_normalise_then_cut(alias):
+    """Encoder.pixels cuts patches while uint8 and normalises in place: the same floats as normalising
+    first, and as the processor's fast path (see fast_path_check)."""
+    import torch
+
+    from mmprune.testbed.vocab import load_processor
+
+    enc = tb_train.Encoder(alias.split("-")[1], load_processor(_shipped(alias)), "cpu")
+    rng = np.random.default_rng(1)
+    images = torch.from_numpy(rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8))
+    clips = torch.from_numpy(rng.integers(0, 256, (2, 4, 112, 112, 3), dtype=np.uint8))
+
+    def normalised(x):
+        return (x.float() - enc.mean * 255.0) / (enc.std * 255.0)
+
+    if enc.kind == "llava":
+        assert torch.equal(enc.pixels(images, "image")["pixel_values"], normalised(images).permute(0, 3, 1, 2))
+        return
+    for x, modality, key in ((images, "image", "pixel_values"), (clips, "video", "pixel_values_videos")):
+        f = normalised(x)
+        if modality == "image":
+            f = f[:, None].expand(-1, enc.tp, -1, -1, -1)
+        b, t, h, w, c = f.shape
+        p, tp, m = enc.p, enc.tp, enc.m
+        f = f.permute(0, 1, 4, 2, 3).reshape(b, t // tp, tp, c, h // p // m, m, p, w // p // m, m, p)
+        f = f.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(-1, c * tp * p * p)
+        assert torch.equal(enc.pixels(x, modality)[key], f), modality
+
+
+def test_keep_freed_memory_is_on_under_glibc():
+    """train.py asks glibc to keep freed memory (speed only); elsewhere it says it could not."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        assert tb_train.keep_freed_memory() is False
+    else:
+        assert tb_train.keep_freed_memory() is True
+
+
+def test_time_budget_chooses_the_steps_and_its_replay_is_the_same_run(tmp_path, cache):
+    """--time-budget measures the step time twice (after a few steps, then at the end of the warm-up,
+    whose learning rates do not depend on the total) and records a --steps command that replays it."""
+    base = ["--model", "llava", "--data-cache", cache, "--tiny", *TINY[TINY.index("--batch-size") :], "--warmup", "6"]
+    timed = tb_train.main([*base, "--out", str(tmp_path / "a"), "--time-budget", "2", "--test-items", "2"])
+    n = timed["steps"]
+    assert n > 6 and timed["reproduce_command"].endswith(f"--steps {n}")
+    assert "--time-budget" not in timed["reproduce_command"]
+    replay = tb_train.main([*base, "--out", str(tmp_path / "b"), "--steps", str(n), "--test-items", "2"])
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert replay["steps"] == n and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_qwen2vl_without_training_clips_trains_images_and_still_tests_motion(tmp_path, cache):
+    args = ["--model", "qwen2vl", "--data-cache", cache, *TINY, "--steps", "4", "--train-clips", "0"]
+    log = tb_train.main([*args, "--out", str(tmp_path / "a"), "--test-items", "2"])
+    assert log["train_items"] == {"shapes": 16} and set(log["test"]) == {"shapes", "motion"}
+    assert not any("loss_video" in h for h in log["history"])
+    assert set(log["ms_per_step_median_by_task"]) == {"shapes"}
