@@ -532,3 +532,10 @@ def test_qwen2vl_without_training_clips_trains_images_and_still_tests_motion(tmp
     assert log["train_items"] == {"shapes": 16} and set(log["test"]) == {"shapes", "motion"}
     assert not any("loss_video" in h for h in log["history"])
     assert set(log["ms_per_step_median_by_task"]) == {"shapes"}
+
+
+def test_video_from_trains_images_first_then_alternates(tmp_path, cache):
+    args = ["--model", "qwen2vl", "--data-cache", cache, *TINY, "--steps", "8", "--log-every", "2", "--test-items", "2"]
+    log = tb_train.main([*args, "--out", str(tmp_path / "a"), "--video-from", "4"])
+    seen = {h["step"]: ("loss_video" in h) for h in log["history"] if "loss_image" in h}
+    assert seen == {2: False, 4: False, 6: True, 8: True} and log["video_from"] == 4
