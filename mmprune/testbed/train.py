@@ -801,9 +801,8 @@ class Bf16Autocast:
     attention that is masked or over few keys runs instead as bf16 matmuls around an fp32 softmax,
     which beats fp32 flash attention at those shapes (:meth:`_attention`): a qwen2vl clip step of 32
     took 1131 instead of 1244 ms. It is off by default so that L1's command still reproduces L1.
-    The names are restored on exit. llava's conv2d
-    stays bf16 (its backward is 62 vs 21 ms, but the shipped weights were trained so). On CUDA
-    nothing is redirected (fast kernels there). Weights, gradients and the optimizer stay float32
+    The names are restored on exit. llava's conv2d stays bf16 (its backward is 62 vs 21 ms, but the
+    shipped weights were trained so). On CUDA nothing is redirected (fast kernels there). Weights, gradients and the optimizer stay float32
     either way.
 
     Example:
@@ -1406,6 +1405,10 @@ def build_processor(kind: str, out: Path):
     return processor
 
 
+def _median_ms(seconds: list[float]) -> float | None:
+    return round(1000 * float(np.median(seconds)), 1) if seconds else None
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to serve large allocations from the heap and keep freed memory, not to map and unmap
     them each time: every fresh mapping is zero-filled page by page on first touch. A batch of 32
@@ -1548,6 +1551,11 @@ def main(argv: list[str] | None = None) -> dict:
     if total is not None:
         eval_points = schedule_evals(total)
 
+    def steps_in_budget(per_step: float) -> int:
+        """--time-budget: the total that fills what is left of it, the remaining evaluations included."""
+        budget = args.time_budget - (time.time() - t_train) - per_eval * (args.evals - 1)
+        return max(step + 1, step + int(budget / per_step), args.warmup + 1)
+
     def run_val(step: int) -> dict:
         nonlocal eval_seconds
         t = time.time()
@@ -1605,11 +1613,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "val_evals": round(eval_seconds, 1),
                 "test": round(test_seconds, 1),
             },  # fmt: skip
-            "ms_per_step_median": round(1000 * float(np.median(step_times)), 1) if step_times else None,
+            "ms_per_step_median": _median_ms([t for _, t in step_times]),
             "ms_per_step_median_by_task": {
-                task_name[m]: round(1000 * float(np.median([t for k, t in step_times_by if k == m])), 1)
+                task_name[m]: _median_ms([t for k, t in step_times if k == m])
                 for m in modalities
-                if any(k == m for k, _ in step_times_by)
+                if m in {k for k, _ in step_times}
             },  # fmt: skip
             "model_overrides": overrides,
             "init_from": previous,
@@ -1631,8 +1639,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     torch.manual_seed(args.seed + 1)  # dropout-free model; this only pins any stray randomness
     t_train = time.time()
-    step_times: list[float] = []
-    step_times_by: list[tuple[str, float]] = []  # (modality, seconds): image and clip steps differ
+    step_times: list[tuple[str, float]] = []  # (modality, seconds): image and clip steps differ
     step = 0
     train_seconds = 0.0
     stopped_early = False
@@ -1701,8 +1708,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         window.append((modality, loss.item(), aux_loss.item() if aux_loss is not None else None))
-        step_times.append(time.time() - t_step)
-        step_times_by.append((modality, step_times[-1]))
+        step_times.append((modality, time.time() - t_step))
         step += 1
         if step == probe_from:
             t_probe = time.time()
@@ -1712,20 +1718,17 @@ def main(argv: list[str] | None = None) -> dict:
             t = time.time()
             history.append({"step": step, "val": run_val(step)})  # also measures what an evaluation costs
             per_eval = time.time() - t
-            budget = args.time_budget - (time.time() - t_train) - per_eval * (args.evals - 1)
-            total = max(step + 1, step + int(budget / per_step))
-            total = max(total, args.warmup + 1)
+            total = steps_in_budget(per_step)
             eval_points = schedule_evals(total)
             log(
                 f"time budget {args.time_budget:.0f}s: {per_step * 1000:.0f} ms/step, eval {per_eval:.1f}s -> {total} steps"
             )
-        elif args.time_budget is not None and args.steps is None and step == args.warmup > probe:
+        elif args.steps is None and step == args.warmup > probe:
             # Measure again at the end of the warm-up, whose learning rates do not depend on the total:
             # early steps run slower (a qwen2vl run: 654 ms over steps 20-60, 515 ms later on), so the
             # first estimate left a quarter of the budget unused. The schedule is still one cosine.
             per_step = (time.time() - t_probe - eval_seconds) / (step - probe_from)
-            budget = args.time_budget - (time.time() - t_train) - per_eval * (args.evals - 1)
-            total = max(step + 1, step + int(budget / per_step))
+            total = steps_in_budget(per_step)
             eval_points = schedule_evals(total)
             log(f"time budget, measured again at step {step}: {per_step * 1000:.0f} ms/step -> {total} steps")
         if (
