@@ -802,8 +802,8 @@ class Bf16Autocast:
     which beats fp32 flash attention at those shapes (:meth:`_attention`): a qwen2vl clip step of 32
     took 1131 instead of 1244 ms. It is off by default so that L1's command still reproduces L1.
     The names are restored on exit. llava's conv2d stays bf16 (its backward is 62 vs 21 ms, but the
-    shipped weights were trained so). On CUDA nothing is redirected (fast kernels there). Weights, gradients and the optimizer stay float32
-    either way.
+    shipped weights were trained so). On CUDA nothing is redirected (fast kernels there). Weights,
+    gradients and the optimizer stay float32 either way.
 
     Example:
         >>> import torch
