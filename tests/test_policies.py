@@ -36,7 +36,7 @@ def test_tome_merges_duplicates_first_and_weights_by_size():
     plan = get_policy("tome")().select(Tokens(x, [12], [9]))
     assert plan.keep.tolist() == [1, 2, 3, 5, 6, 7, 9, 10, 11]
     assert plan.assign[0] == plan.assign[1] and plan.assign[4] == plan.assign[5] and plan.assign[8] == plan.assign[9]
-    keep, assign = bipartite_merge(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]), torch.ones(4), 1)
+    keep, assign, _ = bipartite_merge(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]), torch.ones(4), 1)
     assert len(keep) == 1 and assign.tolist() == [0, 0, 0, 0]  # repeated rounds reach any budget
     sizes = torch.tensor([3.0, 1.0, 1.0, 1.0])
     plan = get_policy("tome")().select(Tokens(x[:4], [4], [3], sizes=sizes))

@@ -16,7 +16,7 @@ row, so every signal lines up with the placeholder tokens exactly; a length mism
 
 ToMe inside the CLIP tower (LLaVA-1.5 only; ``install_encoder_merge``): between the blocks up to the
 feature layer, a pre-hook on block j merges the ``r`` most similar token pairs (bipartite soft matching on
-block j-1's keys, [CLS] protected, size-weighted means, original order kept) and passes ToMe's
+block j-1's keys, [CLS] protected, size-weighted means, ToMe's [unmerged, merged] order) and passes ToMe's
 proportional-attention bias ``log(size)`` as the block's additive attention mask; ``r`` is scheduled so
 that the budget is reached by the feature layer where the bipartite limit (half the tokens per block)
 allows. A post-hook on the tower then *unmerges* every hidden state it returns (each original patch
@@ -194,7 +194,10 @@ class ToMeEncoder:
         scores = m[:, a_idx] @ m[:, b_idx].transpose(1, 2)
         scores[:, 0] = float("-inf")  # [CLS] (row 0, in A) never merges
         best, partner = scores.max(-1)
-        order = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :r]
+        # ToMe's order (tome/merge.py, commit af95e4b): the r best-matched A rows merge; the next block sees
+        # [unmerged A rows in ascending order ([CLS] first, as with class_token=True), then every B row].
+        edge = best.argsort(dim=-1, descending=True)
+        order, unm = edge[:, :r], edge[:, r:].sort(dim=-1).values
         src = a_idx[order]  # [T, r] current rows merged away
         dst = b_idx[torch.gather(partner, 1, order)]
         size = self.size
@@ -202,11 +205,10 @@ class ToMeEncoder:
         acc = (x.float() * w).scatter_add(1, dst[..., None].expand(-1, -1, d), torch.gather(x.float() * w, 1, src[..., None].expand(-1, -1, d)))
         tot = size.scatter_add(1, dst, torch.gather(size, 1, src))
         x = (acc / tot[..., None]).to(x.dtype)
-        keep = torch.ones(t, s, dtype=torch.bool, device=x.device)
-        keep.scatter_(1, src, False)
-        new_pos = keep.long().cumsum(1) - 1  # new row of each kept row
+        rows = torch.cat([a_idx[unm], b_idx.expand(t, -1)], dim=1)  # [T, s - r] old row of each new row
+        new_pos = torch.empty(t, s, dtype=torch.long, device=x.device)
+        new_pos.scatter_(1, rows, torch.arange(s - r, device=x.device).expand(t, -1))
         new_pos = new_pos.scatter(1, src, torch.gather(new_pos, 1, dst))
-        rows = keep.nonzero()[:, 1].view(t, s - r)
         self.cur = torch.gather(new_pos, 1, self.cur)
         self.ident = torch.gather(self.ident, 1, rows)
         self.size = torch.gather(tot, 1, rows)

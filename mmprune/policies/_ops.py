@@ -61,45 +61,80 @@ def nearest_assign(n: int, keep: torch.Tensor, sim: torch.Tensor) -> torch.Tenso
     return assign
 
 
-def bipartite_merge(metric: torch.Tensor, sizes: torch.Tensor, k: int, protect: torch.Tensor | None = None):
-    """ToMe's bipartite soft matching, repeated until ``k`` tokens remain.
+def _tome_merge(x: torch.Tensor, idx, reduce: str) -> torch.Tensor:
+    """ToMe's ``merge`` closure on ``x [t, c]``: rows ``[A unmerged, B with the merged A rows reduced in]``."""
+    unm_idx, src_idx, dst_idx = idx
+    src, dst = x[0::2], x[1::2]
+    dst = dst.scatter_reduce(0, dst_idx[:, None].expand(-1, x.shape[1]), src[src_idx], reduce=reduce)
+    return torch.cat([src[unm_idx], dst])
 
-    Each round splits the current tokens alternately into A (even) and B (odd), matches every A token to
-    its most similar B token (cosine of ``metric``), and merges the ``r = min(n - k, |A|)`` best-matched A
-    tokens into their B partners; a merged token's metric is the size-weighted mean. ``protect`` marks
-    tokens never merged away. Returns ``(keep, assign)``: surviving original indices (sorted) and, per
-    original token, its group's position in ``keep``.
+
+def bipartite_merge(metric: torch.Tensor, sizes: torch.Tensor, k: int, protect: torch.Tensor | None = None,
+                    mode: str = "size"):
+    """ToMe's bipartite soft matching, repeated until ``k`` tokens remain, exactly as the official code.
+
+    Reference: facebookresearch/ToMe ``tome/merge.py`` (commit af95e4b), ``bipartite_soft_matching`` +
+    ``merge_wavg``. Each round splits the *current* token order alternately into A (even) and B (odd),
+    matches every A token to its most similar B token (cosine of the metric), and merges the
+    ``r = min(n - k, (n - protected) // 2)`` best-matched A tokens into their B partners (ToMe merges at
+    most half of the unprotected tokens per round, so an odd count leaves the extra A token alone). The
+    next round's order is ToMe's output order: the unmerged A tokens in descending match score (ascending
+    A index when a token is protected, as ToMe's ``class_token``), then the B tokens.
+
+    ``mode="size"`` (ToMe): a merged token's metric is the size-weighted mean, so a group's feature is the
+    plain mean of its originals. ``mode="mean"`` (AIM, LaVi-Lab/AIM ``llava/model/token_merge.py``, commit
+    edc24e9): ``scatter_reduce(mean)`` of the current tokens, each counting once whatever it stands for.
+    ``protect`` marks tokens never merged away. Returns ``(keep, assign, weight)``: surviving original
+    indices (sorted; a group sits at its B token), per original token its group's position in ``keep``,
+    and per original token its weight in its group's mean (``sizes`` for "size"; the nested ``1/count``
+    products for "mean").
     """
+    if mode not in ("size", "mean"):
+        raise ValueError(f"bipartite_merge mode must be 'size' or 'mean'; got {mode!r}")
     n = metric.shape[0]
-    group = torch.arange(n)  # original -> current token id (an original index)
-    alive = torch.arange(n)
-    m = metric.float().cpu().clone()
+    m = metric.float().cpu().clone()  # current tokens, in ToMe's current order
     size = sizes.float().cpu().clone()
-    prot = torch.zeros(n, dtype=torch.bool) if protect is None else protect.cpu().clone()
-    while len(alive) > k:
-        a_idx, b_idx = alive[0::2], alive[1::2]
-        a_idx = a_idx[~prot[a_idx]]
-        if len(a_idx) == 0 or len(b_idx) == 0:
+    ids = torch.arange(n)  # original index of each current token (its representative)
+    row = torch.arange(n)  # original -> current row of its group
+    weight = size.clone() if mode == "size" else torch.ones(n)
+    prot = torch.zeros(n, dtype=torch.bool) if protect is None else protect.bool().cpu().clone()
+    while len(ids) > k:
+        t = len(ids)
+        r = min(t - k, (t - int(prot[ids].sum())) // 2)
+        if r <= 0:
             break
-        sim = cos_matrix(m[a_idx], m[b_idx])
-        best, partner = sim.max(-1)
-        r = min(len(alive) - k, len(a_idx))
-        order = torch.sort(best, descending=True, stable=True).indices[:r]
-        src, dst = a_idx[order], b_idx[partner[order]]
-        msum = m * size[:, None]
-        msum.index_add_(0, dst, msum[src])
-        size.index_add_(0, dst, size[src])
-        m = msum / size[:, None].clamp(min=1e-12)
-        mapping = torch.arange(n)
-        mapping[src] = dst
-        group = mapping[group]
-        gone = torch.zeros(n, dtype=torch.bool)
-        gone[src] = True
-        alive = alive[~gone[alive]]
-    keep = alive.sort().values
-    pos = torch.full((n,), -1, dtype=torch.long)
-    pos[keep] = torch.arange(len(keep))
-    return keep, pos[group]
+        mn = m / m.norm(dim=-1, keepdim=True)
+        scores = mn[0::2] @ mn[1::2].T
+        scores[prot[ids[0::2]]] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        unm_idx, src_idx = edge_idx[r:], edge_idx[:r]
+        if protect is not None:
+            unm_idx = unm_idx.sort().values
+        dst_idx = node_idx[src_idx]
+
+        idx = (unm_idx, src_idx, dst_idx)
+        if mode == "size":  # merge_wavg: x * size summed, divided by the summed size
+            msum = _tome_merge(m * size[:, None], idx, "sum")
+            size = _tome_merge(size[:, None], idx, "sum")[:, 0]
+            m = msum / size[:, None]
+        else:
+            count = _tome_merge(torch.ones(t, 1), idx, "sum")[:, 0]
+            m = _tome_merge(m, idx, "mean")
+        a_rows, b_rows = torch.arange(0, t, 2), torch.arange(1, t, 2)
+        new_row = torch.empty(t, dtype=torch.long)
+        new_row[a_rows[unm_idx]] = torch.arange(len(unm_idx))
+        new_row[b_rows] = torch.arange(len(unm_idx), len(unm_idx) + len(b_rows))
+        new_row[a_rows[src_idx]] = new_row[b_rows[dst_idx]]
+        row = new_row[row]
+        ids = torch.cat([ids[a_rows[unm_idx]], ids[b_rows]])
+        if mode == "mean":
+            weight = weight / count[row]
+    order = torch.argsort(ids)
+    keep = ids[order]
+    pos = torch.empty(len(ids), dtype=torch.long)
+    pos[order] = torch.arange(len(ids))
+    return keep, pos[row], weight
 
 
 def kcenter(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -28,7 +28,11 @@ class ToMe(Policy):
     (cosine of the vision tower's keys, head-averaged, as ToMe uses; the stage's features where no keys
     exist, e.g. inside the LLM); the ``r`` best-matched A tokens merge into their partners; repeated until
     the budget is met exactly. Merged features are size-weighted means (a token that already stands for s
-    originals weighs s), so the result equals the plain mean of the original tokens of each group.
+    originals weighs s), so the result equals the plain mean of the original tokens of each group. Each
+    round is the official ``bipartite_soft_matching`` (facebookresearch/ToMe ``tome/merge.py``, commit
+    af95e4b): at most ``(n - protected) // 2`` merges, and the next round splits ToMe's output order
+    ``[unmerged A by score, B]`` (see ``mmprune.policies._ops.bipartite_merge``); proven equal to a
+    reference written from that file in ``tests/test_faithful.py``.
 
     Where: ``where="auto"`` merges between the CLIP tower's blocks for LLaVA-1.5 (with proportional
     attention, ToMe's ``log(size)`` bias, in the tower's later blocks; see ``mmprune.adapters.llava``), and
@@ -87,11 +91,11 @@ class ToMe(Policy):
             sizes = t.token_sizes()
             first = self._encoder_groups(t)
             if first is None:
-                keep, assign = bipartite_merge(metric, sizes, t.budgets[0])
-                return Plan(keep=keep, assign=assign, weight=sizes)
+                keep, assign, weight = bipartite_merge(metric, sizes, t.budgets[0])
+                return Plan(keep=keep, assign=assign, weight=weight)
             reps, inv = first.unique(return_inverse=True)  # groups formed in the tower: continue from them
             gsize = torch.zeros(len(reps)).index_add_(0, inv, sizes)
-            keep_r, assign_r = bipartite_merge(metric[reps.to(metric.device)], gsize, t.budgets[0])
+            keep_r, assign_r, _ = bipartite_merge(metric[reps.to(metric.device)], gsize, t.budgets[0])
             return Plan(keep=reps[keep_r], assign=assign_r[inv], weight=sizes)
 
         return segmentwise(tokens, one)
@@ -396,7 +400,7 @@ class Temporal(Policy):
             gsize = torch.zeros(n).index_add_(0, group, sizes)
             msum = torch.zeros(n, x.shape[1]).index_add_(0, group, x * sizes[:, None])
             metric = msum[roots] / gsize[roots, None]
-            keep_r, assign_r = bipartite_merge(metric, gsize[roots], k)
+            keep_r, assign_r, _ = bipartite_merge(metric, gsize[roots], k)
             rpos = torch.full((n,), -1, dtype=torch.long)
             rpos[roots] = torch.arange(len(roots))
             group = roots[keep_r][assign_r[rpos[group]]]

@@ -21,8 +21,12 @@ def _stage_options(config, keys) -> dict:
 class AIM(Policy):
     """AIM (Zhong et al., ICCV'25): iterative similarity merging before the LLM + progressive pruning inside.
 
-    Stage ``aim/merge`` (pre-LLM): ToMe-style bipartite merging on the projected features, repeated until
-    the budget (per image) is met; merged tokens are size-weighted means. Stages ``aim/prune`` (one per
+    Stage ``aim/merge`` (pre-LLM): bipartite soft matching on the projected features, repeated until the
+    budget (per image) is met, as AIM's ``bipartite_soft_matching_merge`` (LaVi-Lab/AIM
+    ``llava/model/token_merge.py``, commit edc24e9): the features are their own metric, and a merged token
+    is the *unweighted* ``scatter_reduce(mean)`` of the current tokens (a token that already stands for
+    several counts once), so budget 0.25 reproduces AIM's two rounds ``r = N//2, N//4`` exactly
+    (``tests/test_faithful.py``). Stages ``aim/prune`` (one per
     decoder layer from ``prune_start``, default half the depth, to the last layer): the visual tokens with
     the least attention from the question tokens are dropped, with the kept fraction falling linearly
     so that ``final`` (default 0.25) of the merged tokens remain after the last layer.
@@ -67,8 +71,8 @@ class AimMerge(Policy):
 
     def select(self, tokens: Tokens) -> Plan:
         def one(t):
-            keep, assign = bipartite_merge(t.features, t.token_sizes(), t.budgets[0])
-            return Plan(keep=keep, assign=assign, weight=t.token_sizes())
+            keep, assign, weight = bipartite_merge(t.features, t.token_sizes(), t.budgets[0], mode="mean")
+            return Plan(keep=keep, assign=assign, weight=weight)
 
         return segmentwise(tokens, one)
 
