@@ -147,3 +147,46 @@ def _cfg(policy, budget, **options):
     from mmprune.config import PruneConfig
 
     return PruneConfig(policy, budget, None, options)
+
+
+# ----------------------------------------------------------------------------- CDPruner
+def ref_cdpruner(image_features, image_embeds, text_embeds, visual_token_num):
+    """Written from Theia-4869/CDPruner, commit ed9c12da9e85c747e76b61bfe8845081d6964372,
+    ``llava/model/llava_arch.py`` (``LlavaMetaForCausalLM.encode_images``, after the projector): batched
+    kernel and greedy MAP loop; returns the sorted kept indices ``[B, T]``."""
+    b, n, _ = image_features.shape
+    image_normalized = (image_features / image_features.norm(dim=-1, keepdim=True)).float()
+    similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = torch.matmul(image_embeds, text_embeds.t())
+    relevance = (-relevance).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    cis = torch.zeros((visual_token_num, b, n))
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((visual_token_num, b), dtype=torch.long)
+    for i in range(visual_token_num):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (kernel[torch.arange(b), j] - torch.einsum("tb,tbn->bn", cis[:i, torch.arange(b), j], cis[:i])) \
+            / torch.sqrt(di2s[torch.arange(b), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(b), j] = -float("inf")
+    return torch.sort(select_idx.t()).values
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "duplicates"])
+@pytest.mark.parametrize("n", [576, 575, 97])
+@pytest.mark.parametrize("k", BUDGETS)
+def test_cdpruner_equals_official_dpp(kind, n, k):
+    k = k * n // 576
+    for seed in SEEDS:
+        # features of full rank (as LLaVA's 4096-d projections): a DPP kernel of rank < k is exhausted before
+        # the budget, where the official loop continues on NaN
+        x, _ = _inputs(seed, n, d=640, kind=kind)
+        q = torch.randn(7, x.shape[1], generator=torch.Generator().manual_seed(100 + seed))
+        want = ref_cdpruner(x[None], x[None], q, k)[0]
+        plan = get_policy("cdpruner")().select(Tokens(x, [n], [k], question=q))
+        assert plan.keep.tolist() == want.tolist()

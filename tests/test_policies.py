@@ -81,10 +81,10 @@ def test_divprune_picks_far_apart_points():
 def test_cdpruner_trades_relevance_against_similarity():
     x = torch.tensor([[1.0, 0.0], [1.0, 0.001], [0.0, 1.0], [0.6, 0.8]])
     q = torch.tensor([[1.0, 0.05]])
-    keep = get_policy("cdpruner")().select(Tokens(x, [4], [2], question=q)).keep.tolist()
+    keep = get_policy("cdpruner")(negate=False).select(Tokens(x, [4], [2], question=q)).keep.tolist()
     assert len({0, 1} & set(keep)) == 1  # relevant, but the near-duplicate is not taken twice
-    neg = get_policy("cdpruner")(negate=True).select(Tokens(x, [4], [1], question=q)).keep.tolist()
-    assert neg == [2]  # the reference code's negated relevance prefers the least similar token
+    neg = get_policy("cdpruner")().select(Tokens(x, [4], [1], question=q)).keep.tolist()
+    assert neg == [2]  # the default (the official code's negated relevance) prefers the least similar token
 
 
 @pytest.mark.parametrize("budget, size", [(4, None), (4, 2), (1, None), (5, None)])

@@ -164,25 +164,33 @@ def kcenter(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
-    """Fast greedy MAP inference for a DPP (Chen et al., NeurIPS'18): k indices in selection order."""
+    """Fast greedy MAP inference for a DPP (Chen et al., NeurIPS'18): k indices in selection order.
+
+    Operation for operation the loop of CDPruner's ``encode_images`` (Theia-4869/CDPruner
+    ``llava/model/llava_arch.py``, commit ed9c12d), in float32 as there, so near-ties resolve the same way.
+    One guard the official loop lacks: once the kernel is exhausted (rank-deficient, e.g. duplicated tokens;
+    the official loop would take the square root of a non-positive gain and continue on NaN), the rest is
+    filled with the largest remaining diagonal entries.
+    """
     n = kernel.shape[0]
     k = min(k, n)
-    kernel = kernel.double().cpu()
-    cis = torch.zeros(k, n, dtype=torch.float64)
-    di2 = kernel.diagonal().clone()
-    sel = []
+    kernel = kernel.float()[None]  # [1, N, N]: the official code's batch of one
+    cis = torch.zeros((k, 1, n), device=kernel.device)
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    b = torch.arange(1, device=kernel.device)
+    sel: list[int] = []
     for i in range(k):
-        j = int(di2.argmax())
-        sel.append(j)
-        if di2[j] <= 1e-12:  # kernel exhausted (rank-deficient): fill with the best remaining diagonal
-            rest = [t for t in torch.sort(kernel.diagonal(), descending=True, stable=True).indices.tolist() if t not in sel]
-            sel.extend(rest[: k - len(sel)])
+        j = torch.argmax(di2s, dim=-1)
+        if float(di2s[b, j]) <= 0:
+            order = torch.sort(kernel[0].diagonal().cpu(), descending=True, stable=True).indices.tolist()
+            sel.extend([t for t in order if t not in sel][: k - len(sel)])
             break
-        e = (kernel[j] - cis[:i, j] @ cis[:i]) / math.sqrt(float(di2[j]))
-        cis[i] = e
-        di2 = di2 - e * e
-        di2[sel] = float("-inf")
-    return torch.tensor(sel[:k], dtype=torch.long)
+        sel.append(int(j))
+        eis = (kernel[b, j] - torch.einsum("tb,tbn->bn", cis[:i, b, j], cis[:i])) / torch.sqrt(di2s[b, j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[b, j] = -float("inf")
+    return torch.tensor(sel, dtype=torch.long)
 
 
 def knee(values: torch.Tensor) -> int:

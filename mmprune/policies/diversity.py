@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import cos_matrix, dpp_greedy, kcenter, normed, segmentwise
+from ._ops import cos_matrix, dpp_greedy, kcenter, segmentwise
 from .base import Plan, Policy, Tokens
 
 
@@ -32,19 +32,28 @@ class DivPrune(Policy):
 class CDPruner(Policy):
     """CDPruner (Zhang et al., 2025): conditional DPP, feature similarity x instruction relevance, greedy MAP.
 
-    Kernel ``L = diag(r) S diag(r)`` with ``S`` the cosine similarity of the image's projected features
-    and ``r`` each token's relevance to the instruction: the mean cosine similarity to the question's token
-    embeddings (the LLM's input embeddings of the text after the image), min-max normalised to (0, 1].
-    Tokens are picked by fast greedy MAP inference (Chen et al., 2018) until the budget is met.
+    As the official ``encode_images`` (Theia-4869/CDPruner ``llava/model/llava_arch.py``, commit ed9c12d):
+    kernel ``L = diag(r) S diag(r)`` with ``S`` the cosine similarity of the image's projected features and
+    ``r`` each token's *negated* mean cosine similarity to the instruction's token embeddings, min-max
+    normalised as ``(r - min + 1e-6) / (max - min)``; tokens are picked by fast greedy MAP inference
+    (``dpp_greedy``, float32 as there) until the budget is met. Proven equal to a reference written from that
+    file (``tests/test_faithful.py``).
 
-    Deviations: the paper takes ``S`` from the vision encoder's features and ``r`` from CLIP's text encoder
-    (LLaVA); families without an aligned text encoder get the LLM embedding space instead, which we use
-    for all. The reference code negates the CLIP relevance before normalising; ``negate=True`` does the
-    same (default False: more similar to the instruction = more relevant). No question -> plain DPP.
+    What the paper reads and what we read: the official code takes ``r`` from CLIP's image embeddings and
+    CLIP's text encoder on the instruction; Hugging Face VLMs carry no aligned text encoder (and the Qwen
+    families no CLIP at all), so ``r`` compares the projected visual features with the LLM's input
+    embeddings of the question, the same space for every family. Per image (the official LLaVA-NeXT path
+    normalises ``r`` over all tiles of the batch and selects per tile). No question -> plain DPP.
+
+    Options (deviations, never defaults): ``negate=False`` ranks tokens *more* similar to the question as
+    more relevant (the sign the paper's text describes; the official code negates); the official
+    normalisation divides by zero when every relevance is equal, where we use ``r = 1``.
 
     Example:
         >>> x = torch.tensor([[1., 0.], [1., 0.01], [0., 1.], [0.7, 0.7]])
         >>> CDPruner().select(Tokens(x, [4], [2], question=torch.tensor([[0., 1.]]))).keep.tolist()
+        [0, 3]
+        >>> CDPruner(negate=False).select(Tokens(x, [4], [2], question=torch.tensor([[0., 1.]]))).keep.tolist()
         [2, 3]
     """
 
@@ -55,22 +64,25 @@ class CDPruner(Policy):
 
     @classmethod
     def option_defaults(cls):
-        return {"negate": False}
+        return {"negate": True}
 
     def select(self, tokens: Tokens) -> Plan:
         q = tokens.question if tokens.question is not None and len(tokens.question) else None
 
         def one(t: Tokens) -> Plan:
-            x = t.features
-            sim = cos_matrix(x).cpu().double()
+            x = t.features.float()
+            xn = x / x.norm(dim=-1, keepdim=True)
+            sim = xn @ xn.T
             if q is None:
-                rel = torch.ones(t.n, dtype=torch.float64)
+                rel = torch.ones(t.n, device=x.device)
             else:
-                rel = (normed(x) @ normed(q).T).mean(-1).cpu().double()
-                rel = -rel if self.options["negate"] else rel
-                rel = (rel - rel.min() + 1e-6) / (rel.max() - rel.min() + 1e-6)
+                qf = q.to(x.device).float()
+                rel = xn @ (qf / qf.norm(dim=-1, keepdim=True)).T
+                rel = (-rel if self.options["negate"] else rel).mean(dim=-1)
+                span = rel.max() - rel.min()
+                rel = (rel - rel.min() + 1e-6) / span if float(span) > 0 else torch.ones_like(rel)
             kernel = rel[:, None] * sim * rel[None, :]
-            return Plan(keep=dpp_greedy(kernel, t.budgets[0]).sort().values, scores=rel.float())
+            return Plan(keep=dpp_greedy(kernel, t.budgets[0]).sort().values, scores=rel.cpu())
 
         return segmentwise(tokens, one)
 
