@@ -23,7 +23,8 @@ Signals and merges (policy library): a stage's policy declares ``signals``; visi
 instance-level ``get_*_features`` wrap and travel on the encoder output (so ``generate``'s encode-once path
 keeps them), then are mapped per visual token and sliced with the surviving tokens at every stage; LLM
 signals (``attn``, ``text_attn``, ``llm_keys``) are computed in a pre-hook on layer K-1's attention
-module. A ``Plan.assign`` merges dropped tokens into kept ones (``kernels.merge_tokens`` weighted means);
+module, or, for a policy whose ``signal_layer`` is ``"own"`` (PyramidDrop), from layer K's own input norm
+and q/k projections on its input, just before the stage drops. A ``Plan.assign`` merges dropped tokens into kept ones (``kernels.merge_tokens`` weighted means);
 the engine tracks, per original visual token, its representative and weight, so Qwen3-VL deepstack rows
 merge with the same groups (``Run.merge_originals``) and later stages see each token's ``sizes``.
 Multi-stage policies expand into several stages at wrap time (``Policy.expand``). Time spent in policy
@@ -209,7 +210,7 @@ class Engine:
                 self.handles.append(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             for s in self.llm_stages:
                 needs = tuple(sig for sig in LLM_SIGNALS if sig in s.policy.signals)
-                if needs:
+                if needs and s.policy.signal_layer == "previous":
                     attn = self.adapter.attention_module(s.layer - 1)
                     hook = self._score_hook(s.layer, needs)
                     self.handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
@@ -558,6 +559,11 @@ class Engine:
         for stage in stages:
             if run.fill is not None:
                 run.fill = scatter_tokens(run.fill.to(hidden.dtype), run.orig, hidden)
+            needs = tuple(sig for sig in LLM_SIGNALS if sig in stage.policy.signals)
+            if needs and stage.policy.signal_layer == "own":  # layer K's own q/k on its input (PyramidDrop)
+                pe = run.pos_emb if run.pruned_in_llm else kwargs.get("position_embeddings")
+                normed = self.adapter.attention_input(i, hidden)
+                run.signals[stage.layer] = self._signals(self.adapter.attention_module(i), normed, pe, needs)
             p_old = hidden.shape[1]
             hidden, index = self._apply_stage(stage, run, hidden, scores=run.signals.get(stage.layer))
             if stage is stages[-1]:
@@ -618,31 +624,37 @@ class Engine:
         )
 
     def _score_hook(self, layer: int, needs: tuple):
+        """Pre-hook on layer K-1's attention module: the signals of the stage at K, from K-1's q/k (FastV)."""
+
         def hook(module, args, kwargs):
             run = self.run
             if not self.enabled or run is None or not any(len(v) for v in run.vis_rows):
                 return None
-            t0 = time.perf_counter()
             hidden = args[0] if args else kwargs["hidden_states"]
-            valid = run.mask2d.bool()
-            pe = kwargs.get("position_embeddings")
-            sig = {}
-            if "attn" in needs:
-                last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(-1, keepdim=True)
-                probs = attention_probs(module, hidden, pe, last, valid)
-                sig["attn"] = probs.mean(1)[:, 0]  # [B, P]: head-averaged, last query
-            if "text_attn" in needs:
-                rows = _left_pad_index([self._question_rows(run, b) for b in range(valid.shape[0])], valid.device)
-                if rows.shape[1]:
-                    sig["text_attn"] = attention_probs(module, hidden, pe, rows, valid).mean(1)  # [B, Q, P]
-                sig["text_rows"] = rows
-            if "llm_keys" in needs:
-                sig["llm_keys"] = module.k_proj(hidden)  # [B, P, Dk], pre-RoPE
-            run.signals[layer] = sig
-            run.trace.signal_seconds += time.perf_counter() - t0
+            run.signals[layer] = self._signals(module, hidden, kwargs.get("position_embeddings"), needs)
             return None
 
         return hook
+
+    def _signals(self, attn, hidden, pe, needs: tuple) -> dict:
+        """LLM signals of the current rows, from ``attn``'s projections of its (normed) input ``hidden``."""
+        run = self.run
+        t0 = time.perf_counter()
+        valid = run.mask2d.bool()
+        sig = {}
+        if "attn" in needs:
+            last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(-1, keepdim=True)
+            probs = attention_probs(attn, hidden, pe, last, valid)
+            sig["attn"] = probs.mean(1)[:, 0]  # [B, P]: head-averaged, last query
+        if "text_attn" in needs:
+            rows = _left_pad_index([self._question_rows(run, b) for b in range(valid.shape[0])], valid.device)
+            if rows.shape[1]:
+                sig["text_attn"] = attention_probs(attn, hidden, pe, rows, valid).mean(1)  # [B, Q, P]
+            sig["text_rows"] = rows
+        if "llm_keys" in needs:
+            sig["llm_keys"] = attn.k_proj(hidden)  # [B, P, Dk], pre-RoPE
+        run.trace.signal_seconds += time.perf_counter() - t0
+        return sig
 
     @staticmethod
     def _question_rows(run: Run, b: int) -> torch.Tensor:

@@ -190,3 +190,84 @@ def test_cdpruner_equals_official_dpp(kind, n, k):
         want = ref_cdpruner(x[None], x[None], q, k)[0]
         plan = get_policy("cdpruner")().select(Tokens(x, [n], [k], question=q))
         assert plan.keep.tolist() == want.tolist()
+
+
+# ----------------------------------------------------------------------------- PyramidDrop
+def ref_pdrop(lm, embeds, image_index, image_tokens, layer_list, ratios):
+    """Written from Cooperx521/PyramidDrop, commit 6444f304aee4b7edcb022839fb9e8cd07859704a,
+    ``llava/model/modeling_llama_pdrop.py`` (``pdrop_forward``, ``pdrop_rank_drop``, inference branch), batch
+    of one: after decoder layer ``rank_layer - 1``, layer ``rank_layer``'s own input_layernorm, q/k and RoPE
+    on its input; the last prompt token's eager attention (fp32 softmax), averaged over heads, over the image
+    columns; ``topk(int(N0 * ratio[stage + 1]))``, sorted. ``ratios`` has 1.0 prepended, as the eval scripts
+    do. One difference, stated: the official code renumbers position ids contiguously after a drop, mmprune
+    keeps each token's original position, so the reference keeps them too (the first stage is unaffected).
+    Returns, per stage, the kept original visual indices."""
+    hidden = embeds
+    pos = torch.arange(embeds.shape[1])[None]
+    vis = torch.arange(image_tokens)  # original visual index of each current image row
+    kept = []
+    for layer_idx, layer in enumerate(lm.layers):
+        seq = hidden.shape[1]
+        mask = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+        pe = lm.rotary_emb(hidden, pos)
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        rank_layer = layer_idx + 1
+        if rank_layer not in layer_list:
+            continue
+        stage = layer_list.index(rank_layer)
+        cur = int(image_tokens * ratios[stage])
+        keep_length = int(image_tokens * ratios[stage + 1])
+        attn = lm.layers[rank_layer].self_attn
+        h = lm.layers[rank_layer].input_layernorm(hidden)
+        hd = attn.head_dim
+        q = attn.q_proj(h).view(1, seq, -1, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(1, seq, -1, hd).transpose(1, 2)
+        cos, sin = lm.rotary_emb(h, pos)
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = repeat_kv(k, q.shape[1] // k.shape[1])
+        text_q = q[:, :, seq - 1 : seq, :]  # prompt_total_len - 1: the last prompt token
+        w = torch.matmul(text_q, k.transpose(2, 3)) / math.sqrt(hd) + mask[:, :, seq - 1 : seq, :]
+        w = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32)
+        avg = w[0].mean(dim=0)[:, image_index : image_index + cur].mean(dim=0)
+        top = avg.topk(keep_length).indices.sort().values
+        vis = vis[top]
+        kept.append(vis.tolist())
+        rows = torch.cat([torch.arange(image_index), top + image_index, torch.arange(image_index + cur, seq)])
+        hidden, pos = hidden[:, rows], pos[:, rows]
+    return kept
+
+
+@pytest.mark.parametrize("budget", [0.125, 0.3])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pyramiddrop_equals_official_rank_drop(budget, seed):
+    import mmprune
+    from mmprune.testing import make_inputs, tiny_model
+
+    m = tiny_model("llava", seed=seed, attn="eager", layers=8)
+    batch = make_inputs(m, [[1]], prompt_lens=[5], seed=seed)
+    seen = {}
+    lm = m.model.language_model
+    h = lm.register_forward_pre_hook(lambda mod, a, kw: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        m(**batch)
+    h.remove()
+    embeds = seen["inputs_embeds"]
+    ids = batch["input_ids"][0]
+    image_index = int((ids == m.config.image_token_id).nonzero()[0])
+    n0 = int((ids == m.config.image_token_id).sum())
+    lam = round(budget ** (1 / 3), 12)
+    with torch.no_grad():
+        want = ref_pdrop(lm, embeds, image_index, n0, [2, 4, 6], [1.0, lam, round(lam**2, 12), budget])
+    mmprune.wrap(m, "pyramiddrop", budget=budget)
+    with torch.no_grad():
+        m(**batch)
+    tr = mmprune.trace(m)
+    assert [s.layer for s in tr.stages] == [2, 4, 6]
+    vis, got = torch.arange(n0), []
+    for s in tr.stages:
+        vis = vis[s.kept[0]]
+        got.append(vis.tolist())
+    assert got == want
+    assert [s.n_after[0] for s in tr.stages] == [int(n0 * r) for r in (lam, round(lam**2, 12), budget)]

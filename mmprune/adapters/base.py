@@ -110,6 +110,10 @@ class Adapter:
     def attention_module(self, layer: int):
         return self.layers()[layer].self_attn
 
+    def attention_input(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """What decoder layer ``layer``'s attention module receives for the layer input ``hidden``."""
+        return self.layers()[layer].input_layernorm(hidden)
+
     def text_config(self):
         return self.config.get_text_config()
 

@@ -112,6 +112,7 @@ class Policy:
 
     ``stages``: where the policy can run ("pre" = before the LLM, "llm" = at a decoder layer).
     ``signals``: what it needs beyond features ("attn": last token->visual attention at the previous layer,
+    or at the stage's own layer when ``signal_layer = "own"``: layer K's q/k on its input, before the drop,
     "text": the text-token features, and the optional ``Tokens`` fields: "cls_attn", "keys", "cls_sim",
     "question", "text_attn", "llm_keys"; "grid" / "frames" only document that the policy reads
     ``Tokens.grids``). ``default_layer``: None = pre-LLM by default, else the decoder layer
@@ -126,6 +127,7 @@ class Policy:
     stages: ClassVar[tuple[str, ...]] = ("pre", "llm")
     signals: ClassVar[tuple[str, ...]] = ()
     default_layer: ClassVar[int | None] = None
+    signal_layer: ClassVar[str] = "previous"
     adaptive: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""

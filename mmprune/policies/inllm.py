@@ -105,11 +105,19 @@ class VTW(Policy):
 class PyramidDrop(Staged):
     """PyramidDrop (Xing et al., CVPR'25): drop by last-instruction-token attention at several depths.
 
-    Stages at 1/4, 1/2 and 3/4 of the depth (``layers=[...]`` to choose; ``layer=K`` starts the pyramid at
-    K); at each, the visual tokens the last token attends to most (head-averaged, at the layer before, from
-    the SDPA-compatible tap) are kept, on a geometric schedule: each stage keeps the same fraction of what
-    enters it. The paper's ``lambda = 0.5`` over 3 stages is ``budget=0.125``. Ranked over the whole sample
-    (as FastV); the count per sample is the sum of its images' budgets.
+    As the official ``pdrop_forward`` / ``pdrop_rank_drop`` (Cooperx521/PyramidDrop
+    ``llava/model/modeling_llama_pdrop.py``, commit 6444f30): stages at 1/4, 1/2 and 3/4 of the depth
+    (``layer_list [8, 16, 24]`` of 32; ``layers=[...]`` to choose, ``layer=K`` starts the pyramid at K). At
+    stage s, *before* decoder layer K runs, layer K's own ``input_layernorm`` and q/k projections (with
+    RoPE) are applied to its input, the last prompt token's attention over the prompt is averaged over
+    heads, and the top ``int(N0 * ratio[s])`` visual tokens are kept, ``N0`` being the image's original
+    token count and ``ratio[s] = lambda ** (s + 1)`` (``image_token_ratio_list`` with 1.0 prepended);
+    ``int`` truncates, as there. The paper's ``lambda = 0.5`` over 3 stages is ``budget=0.125`` (the budget
+    is what remains after the last stage: ``lambda = budget ** (1 / stages)``); an int budget is the final
+    count per image. Proven equal to a reference written from that file (``tests/test_faithful.py``).
+
+    Deviations: ranked over the whole sample when it holds several images (the official code handles one
+    image per sample), with the sum of the images' counts; at least one token stays per image.
 
     Example:
         >>> p = PyramidDrop(); p.select(Tokens(torch.zeros(4, 2), [4], [2], attn=torch.tensor([.1, .4, .3, .2]))).keep.tolist()
@@ -119,12 +127,31 @@ class PyramidDrop(Staged):
     name = "pyramiddrop"
     stages = ("llm",)
     signals = ("attn",)
+    signal_layer = "own"
     paper = "PyramidDrop, CVPR'25"
     summary = "last-instruction-token attention, geometric schedule over layers"
 
     @classmethod
     def option_defaults(cls):
         return {"layers": None}
+
+    def targets(self, tokens: Tokens) -> list[int]:
+        if self.final_budget is None:
+            return list(tokens.budgets)
+        out = []
+        for n0, n in zip(tokens.origin or tokens.segments, tokens.segments):
+            if n == 0:
+                out.append(0)
+                continue
+            frac = (self.stage_index + 1) / self.num_stages
+            if isinstance(self.final_budget, float):
+                # the official ratios are literals (0.5, 0.25, 0.125): round away pow's last-bit noise
+                count = int(n0 * round(self.final_budget**frac, 12))
+            else:
+                kf = min(n0, int(self.final_budget))
+                count = kf if self.stage_index == self.num_stages - 1 else int(n0 * round((kf / n0) ** frac, 12))
+            out.append(max(1, min(n, count)))
+        return out
 
     def select(self, tokens: Tokens) -> Plan:
         score = _text_relevance(tokens) if tokens.attn is None else tokens.attn.float().cpu()
