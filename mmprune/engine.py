@@ -70,7 +70,7 @@ def _cache_kw(fn) -> str:
 
 
 # Signals captured in the vision tower (adapter.vision_capture), per visual token.
-VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups")
+VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups", "tower_cls")
 # Signals read at decoder layer K-1 (the score hook on its attention module).
 LLM_SIGNALS = ("attn", "text_attn", "llm_keys")
 
@@ -460,7 +460,7 @@ class Engine:
             else:
                 run.trace.notes.append(note)
         for name in self.vision_signals:  # say which declared signals fell back (never silently)
-            if name != "tome_groups" and any(len(v) and sg.get(name) is None for v, sg in zip(vis_pos, run.vsig)):
+            if name not in ("tome_groups", "tower_cls") and any(len(v) and sg.get(name) is None for v, sg in zip(vis_pos, run.vsig)):
                 run.trace.notes.append(f"{name}: not available from the {self.adapter.family} tower for some "
                                        "items; the policy's documented fallback was used")
         self.run = run
@@ -782,12 +782,14 @@ class Engine:
     def _check_plan(stage, plan: Plan, n: int) -> None:
         keep = plan.keep.long().cpu()
         bad = len(keep) and (keep.min() < 0 or keep.max() >= n or not bool((keep[1:] > keep[:-1]).all()))
+        bad = bad or plan.reduce not in ("mean", "sum")
         if plan.assign is not None and not bad:
             a = plan.assign.long().cpu()
             bad = a.shape != (n,) or a.max() >= len(keep) or not torch.equal(a[keep], torch.arange(len(keep)))
         if bad:
             raise ValueError(f"policy {stage.policy.name!r} returned an invalid plan: keep must be sorted unique "
-                             "indices < n, and assign [n] must map kept tokens to their own position")
+                             "indices < n, assign [n] must map kept tokens to their own position, and reduce "
+                             "must be 'mean' or 'sum'")
 
     @staticmethod
     def _track_groups(run: Run, i: int, plan: Plan, keep: torch.Tensor) -> None:
@@ -799,6 +801,8 @@ class Engine:
             w = torch.ones(n) if plan.weight is None else plan.weight.float().cpu()
             w = torch.where(a >= 0, w, torch.zeros_like(w))
             total = torch.zeros(len(keep)).scatter_add_(0, a.clamp(min=0), w)
+            if plan.reduce == "sum":
+                total = torch.ones_like(total)
             new_rep = torch.where(a >= 0, ids[keep[a.clamp(min=0)]], -1)
             factor = torch.where(a >= 0, w / total[a.clamp(min=0)].clamp(min=1e-30), torch.zeros_like(w))
         else:
@@ -819,5 +823,7 @@ class Engine:
 
         assign = plan.assign.to(features.device).long()
         w = None if plan.weight is None else plan.weight.to(features.device)[None]
-        out, _ = merge_tokens(features[None], assign[None], k, w)
+        out, total = merge_tokens(features[None], assign[None], k, w)
+        if plan.reduce == "sum":
+            return (out[0].float() * total[0, :, None]).to(out.dtype)
         return out[0]

@@ -271,3 +271,69 @@ def test_pyramiddrop_equals_official_rank_drop(budget, seed):
         got.append(vis.tolist())
     assert got == want
     assert [s.n_after[0] for s in tr.stages] == [int(n0 * r) for r in (lam, round(lam**2, 12), budget)]
+
+
+# ----------------------------------------------------------------------------- VisionZip
+def ref_visionzip(attn_weights, hidden_states, metric, dominant, contextual):
+    """Written from dvlab-research/VisionZip, commit 3151f6df4fca36a4cd1c985e5956e725b1f9ad02,
+    ``visionzip/clip_encoder.py`` (``CLIPVisionTower_VisionZip.forward``; ``visionzip/main.py`` passes
+    ``dominant_num = dominant - 1``): [CLS] at index 0 of ``[B, 1 + N, ...]``. Returns the kept indices
+    (``all_indices``, [CLS] = 0, patches 1..N), the contextual targets as indices into ``hidden_states``, the
+    argmax assignment of the other filtered tokens, and ``hidden_states_save``."""
+    dominant_num, contextual_num = dominant - 1, contextual
+    cls_idx = 0
+    cls_attention = attn_weights[:, :, cls_idx, cls_idx + 1 :]
+    cls_attention_sum = cls_attention.sum(dim=1)
+    topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros((hidden_states.shape[0], 1), dtype=topk_indices.dtype), topk_indices], dim=1)
+    mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(hidden_states.shape[0], dominant_num + 1, hidden_states.shape[2])
+    metric_filtered = metric[mask].view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), metric.shape[2])
+    hidden_states_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), hidden_states.shape[2])
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    merge_sel = ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices)
+    tokens_to_merge = metric_normalized[:, merge_sel, :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(tokens_to_merge.shape[0], tokens_to_merge.shape[1], contextual_num, dtype=hidden_states_filtered.dtype)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    hidden_to_merge = hidden_states_filtered[:, merge_sel, :]
+    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
+    target_hidden = hidden_states_filtered[:, target_indices, :]
+    contextual_tokens = target_hidden + aggregated_hidden
+    hidden_states_save = torch.cat([dominant_tokens, contextual_tokens], dim=1)
+    filtered_ids = mask[0].nonzero().flatten()
+    return all_indices[0], filtered_ids[target_indices], filtered_ids[merge_sel], similarity[0].argmax(-1), hidden_states_save[0]
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "duplicates"])
+@pytest.mark.parametrize("n", [576, 575, 97])
+@pytest.mark.parametrize("k", BUDGETS)
+def test_visionzip_equals_official(kind, n, k):
+    k = k * n // 576
+    for seed in SEEDS:
+        x, m = _inputs(seed, n + 1, kind=kind)
+        g = torch.Generator().manual_seed(50 + seed)
+        attn = torch.softmax(torch.randn(1, 4, n + 1, n + 1, generator=g), dim=-1)
+        if kind == "ties":
+            attn = attn.round(decimals=3)
+        dominant = round(k * 54 / 64)
+        all_idx, targets, others, near, saved = ref_visionzip(attn, x[None], m[None], dominant, k - dominant)
+        cls_row = attn[0, :, 0, 1:].sum(0)
+        tok = Tokens(x[1:], [n], [k], cls_attn=cls_row, keys=m[1:], tower_cls=torch.ones(n))
+        plan = get_policy("visionzip")().select(tok)
+        dom = sorted((all_idx[1:] - 1).tolist())
+        want_keep = sorted(dom + (targets - 1).tolist())
+        assert plan.keep.tolist() == want_keep and len(plan.keep) == k - 1  # [CLS]'s slot stays empty
+        tpos = {int(t) - 1: j for j, t in enumerate(targets)}
+        for o, j in zip((others - 1).tolist(), near.tolist()):
+            assert int(plan.keep[plan.assign[o]]) == int(targets[j]) - 1
+        assert plan.reduce == "sum"
+        out = torch.zeros(len(plan.keep), x.shape[1]).index_add_(0, plan.assign.clamp(min=0),
+                                                                  x[1:] * (plan.weight * (plan.assign >= 0))[:, None])
+        ref = dict(zip(dom, saved[1 : 1 + len(dom)]))  # saved = [CLS, dominant in order, contextual]
+        ref.update({t: saved[1 + len(dom) + j] for t, j in tpos.items()})
+        torch.testing.assert_close(out, torch.stack([ref[int(i)] for i in plan.keep]), rtol=1e-5, atol=1e-5)

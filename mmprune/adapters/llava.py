@@ -108,6 +108,9 @@ class ClipTowerCapture(VisionCapture):
         if len(per_item) != len(feats) or any(p.shape[0] != f.shape[0] for p, f in zip(per_item, feats)):
             raise ValueError("signal layout does not match the encoder's tokens")
         out = [split_channels(p, self.key_dim) for p in per_item]
+        if self.has_cls:  # VisionZip reserves a dominant slot for [CLS] where the tower has one
+            for item in out:
+                item["tower_cls"] = torch.ones_like(item["cls_attn"])
         tome = getattr(self.adapter, "_tome", None)
         if tome is not None and tome.groups is not None and "tome_groups" in self.names:
             groups = tome.groups

@@ -236,7 +236,7 @@ def sub_tokens(tokens: Tokens, seg: int) -> Tokens:
         features=tokens.features[sl], segments=[sl.stop - sl.start], budgets=[tokens.budgets[seg]],
         grids=[tokens.grids[seg] if seg < len(tokens.grids) else None], attn=cut(tokens.attn),
         text=tokens.text, layer=tokens.layer, cls_attn=cut(tokens.cls_attn), keys=cut(tokens.keys),
-        cls_sim=cut(tokens.cls_sim), tome_groups=cut(tokens.tome_groups), question=tokens.question, text_attn=cut(tokens.text_attn, 1),
+        cls_sim=cut(tokens.cls_sim), tome_groups=cut(tokens.tome_groups), tower_cls=cut(tokens.tower_cls), question=tokens.question, text_attn=cut(tokens.text_attn, 1),
         llm_keys=cut(tokens.llm_keys), pos=tokens.positions()[sl], sizes=tokens.token_sizes()[sl],
         origin=None if tokens.origin is None else [tokens.origin[seg]],
     )
@@ -245,6 +245,7 @@ def sub_tokens(tokens: Tokens, seg: int) -> Tokens:
 def segmentwise(tokens: Tokens, fn) -> Plan:
     """Run ``fn(one_segment_tokens) -> Plan`` per segment and stitch the plans into one (global indices)."""
     keeps, assigns, weights, scores = [], [], [], []
+    reduce = "mean"
     any_assign = any_weight = any_score = False
     offset = 0
     for i, sl in enumerate(tokens.segment_slices()):
@@ -252,6 +253,7 @@ def segmentwise(tokens: Tokens, fn) -> Plan:
         if n == 0:
             continue
         plan = fn(sub_tokens(tokens, i))
+        reduce = plan.reduce
         keep = plan.keep.long().cpu()
         base = sum(len(k) for k in keeps)
         keeps.append(keep + sl.start)
@@ -272,7 +274,7 @@ def segmentwise(tokens: Tokens, fn) -> Plan:
         return Plan(keep=torch.zeros(0, dtype=torch.long))
     keep = torch.cat(keeps)
     order = torch.argsort(keep)
-    plan = Plan(keep=keep[order])
+    plan = Plan(keep=keep[order], reduce=reduce)
     if any_assign:
         remap = torch.empty_like(order)
         remap[order] = torch.arange(len(order))

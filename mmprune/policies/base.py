@@ -36,6 +36,8 @@ class Tokens:
       feature layer (SigLIP: to the mean patch; Qwen: None).
     - ``tome_groups [N]`` (``"tome_groups"``): after ToMe merged inside the vision tower (LLaVA-1.5), the
       in-image index of the token standing for each token's group (the tower's outputs are unmerged copies).
+    - ``tower_cls [N]`` (``"tower_cls"``): 1 where the token's vision tower has a [CLS] token (CLIP), so
+      ``cls_attn`` is [CLS]'s own attention row; None for towers without one (SigLIP, Qwen).
     - ``question [Q, D]`` (``"question"``): features of the text tokens after the sample's last visual token
       (the instruction); all text tokens when nothing follows the image.
     - ``text_attn [Q, N]`` (``"text_attn"``, in-LLM): head-averaged attention of each question token to each
@@ -61,6 +63,7 @@ class Tokens:
     keys: torch.Tensor | None = None
     cls_sim: torch.Tensor | None = None
     tome_groups: torch.Tensor | None = None
+    tower_cls: torch.Tensor | None = None
     question: torch.Tensor | None = None
     text_attn: torch.Tensor | None = None
     llm_keys: torch.Tensor | None = None
@@ -98,13 +101,16 @@ class Plan:
     """What to keep (sorted indices into the stage's tokens) and, optionally, what merges where.
 
     ``assign[n]`` is the position in ``keep`` that token ``n`` merges into (-1 = dropped outright); kept
-    tokens map to themselves. ``weight`` optionally weights each token in its group's mean.
+    tokens map to themselves. ``weight`` optionally weights each token in its group's mean. ``reduce="sum"``
+    makes a group's feature the weighted *sum* instead (VisionZip's ``target + mean(others)`` is the sum with
+    weight 1 for the target and ``1 / count`` for the others).
     """
 
     keep: torch.Tensor
     assign: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    reduce: str = "mean"
 
 
 class Policy:

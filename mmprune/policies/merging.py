@@ -16,7 +16,6 @@ from ._ops import (
     grid_coords,
     nearest_assign,
     segmentwise,
-    topk_indices,
 )
 from .base import Plan, Policy, Tokens
 
@@ -104,64 +103,88 @@ class ToMe(Policy):
 class VisionZip(Policy):
     """VisionZip (Yang et al., CVPR'25): dominant tokens by [CLS] attention + contextual merged tokens.
 
-    Per image: the ``round(budget * dominant_ratio)`` tokens with the highest [CLS] attention at the
-    feature layer are kept as they are (dominant); of the rest, ``k_c`` evenly spaced tokens become
-    contextual targets and every other remaining token merges into the target whose key is most similar
-    (cosine of head-averaged keys); a contextual token is the plain mean of its group. The default split
-    54:10 (``dominant_ratio = 54/64``) is the paper's LLaVA-1.5 setting.
+    As the official ``CLIPVisionTower_VisionZip.forward`` (dvlab-research/VisionZip
+    ``visionzip/clip_encoder.py``, commit 3151f6d) with its LLaVA-1.5 setting ``dominant=54, contextual=10``
+    per 64 tokens: of the budget's ``round(budget * 54 / 64)`` dominant slots, one belongs to [CLS] (the
+    official ``dominant_num = dominant - 1``), so ``dominant - 1`` patches with the highest [CLS] attention
+    at the feature layer are kept (``topk`` of the head-summed [CLS] row); of the remaining patches in
+    raster order, every ``max(1, len // contextual)``-th (the first ``contextual``) is a contextual target,
+    every other remaining patch joins the target whose key (head-averaged, normalised) is most similar, and
+    a contextual token is ``target + mean(its assigned patches)`` (``Plan.reduce = "sum"``). Proven equal
+    to a reference written from that file (``tests/test_faithful.py``): kept patches, groups and merged
+    features.
 
-    Signals and fallbacks: [CLS] attention (SigLIP / Qwen: mean attention received at the tower's feature
-    layer / last block; no tower signal at all: ``attention_received`` of the features); keys (else the
-    stage's features). Deviations: the [CLS] token itself is not added to the LLM input (LLaVA-1.5 drops
-    it and we keep the placeholder count); contextual merging averages projected features (the paper
-    averages tower features, then projects).
+    What differs by construction, and why: the official code feeds [CLS] itself to the LLM as one of the
+    dominant tokens; Hugging Face LLaVA's LLM input has no [CLS] row (only patch placeholders), so its slot
+    stays empty: a budget of 64 gives the LLM the official 63 patch tokens. ``cls_slot="patch"`` spends the
+    slot on one more dominant patch instead (the budget exactly, not the paper's set). Towers without [CLS]
+    (SigLIP, the Qwen towers: mean attention received stands in) have no slot to reserve: all dominant slots
+    go to patches. The official code merges CLIP hidden states and then projects; here the merge runs on
+    the projected features (equal for a linear projector; LLaVA's 2-layer MLP makes the two differ).
+    Kept tokens keep their original positions and order (the official code appends the contextual tokens
+    after the dominant ones and renumbers positions).
 
     Example:
         >>> t = Tokens(torch.eye(6), [6], [3], cls_attn=torch.tensor([.1, .5, .1, .1, .1, .1]))
-        >>> VisionZip(dominant_ratio=0.34).select(t).keep.tolist()
+        >>> VisionZip(dominant_ratio=0.67, cls_slot="patch").select(t).keep.tolist()
         [0, 1, 3]
     """
 
     name = "visionzip"
     stages = ("pre",)
-    signals = ("cls_attn", "keys")
+    signals = ("cls_attn", "keys", "tower_cls")
     paper = "VisionZip, CVPR'25"
     summary = "dominant tokens by [CLS] attention + contextual tokens merged by key similarity"
 
     @classmethod
     def option_defaults(cls):
-        return {"dominant_ratio": 54 / 64}
+        return {"dominant_ratio": 54 / 64, "cls_slot": "paper"}
 
-    def select(self, tokens: Tokens) -> Plan:
+    def __init__(self, **options):
+        super().__init__(**options)
         ratio = float(self.options["dominant_ratio"])
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"visionzip dominant_ratio must be in [0, 1]; got {ratio}")
+        if self.options["cls_slot"] not in ("paper", "patch"):
+            raise ValueError(f"visionzip cls_slot must be 'paper' or 'patch'; got {self.options['cls_slot']!r}")
+
+    def select(self, tokens: Tokens) -> Plan:
+        ratio = float(self.options["dominant_ratio"])
 
         def one(t: Tokens) -> Plan:
             n, k = t.n, t.budgets[0]
-            score = t.cls_attn if t.cls_attn is not None else attention_received(t.features)
-            kd = min(k, int(round(k * ratio)))
-            kc = k - kd
-            dom = topk_indices(score, kd)
+            score = (t.cls_attn if t.cls_attn is not None else attention_received(t.features)).float().cpu()
+            dominant = min(k, int(round(k * ratio)))
+            contextual = k - dominant
+            has_cls = t.tower_cls is not None and bool(t.tower_cls.any())
+            if has_cls and self.options["cls_slot"] == "paper" and dominant > 0:
+                dominant -= 1  # the official dominant_num: [CLS] takes one dominant slot
+            dominant = min(dominant, n)
+            dom = score.topk(dominant).indices.sort().values
             rest = torch.ones(n, dtype=torch.bool)
             rest[dom] = False
             rest = rest.nonzero().flatten()
-            if kc == 0 or len(rest) == 0:
+            if contextual == 0 or len(rest) == 0:
                 return Plan(keep=dom, scores=score)
-            step = max(1, len(rest) // kc)
-            targets = rest[torch.arange(0, len(rest), step)[:kc]]
+            step = max(1, len(rest) // contextual)
+            tsel = torch.arange(0, len(rest), step)[:contextual]
+            targets = rest[tsel]
             keep = torch.cat([dom, targets]).sort().values
-            metric = t.keys if t.keys is not None else t.features
-            is_target = torch.zeros(n, dtype=torch.bool)
-            is_target[targets] = True
+            metric = (t.keys if t.keys is not None else t.features).float().cpu()
+            metric = metric / metric.norm(dim=-1, keepdim=True)
+            is_target = torch.zeros(len(rest), dtype=torch.bool)
+            is_target[tsel] = True
+            others = rest[~is_target]
             tpos = torch.searchsorted(keep, targets)
             assign = torch.full((n,), -1, dtype=torch.long)
             assign[keep] = torch.arange(len(keep))
-            others = rest[~is_target[rest]]
+            weight = torch.ones(n)
             if len(others):
-                sim = cos_matrix(metric[others], metric[targets]).cpu()
-                assign[others] = tpos[sim.argmax(-1)]
-            return Plan(keep=keep, assign=assign, scores=score)
+                near = (metric[others] @ metric[targets].T).argmax(dim=-1)
+                assign[others] = tpos[near]
+                count = torch.bincount(near, minlength=len(targets)).clamp(min=1).float()
+                weight[others] = 1.0 / count[near]  # target + mean(assigned): the official aggregation
+            return Plan(keep=keep, assign=assign, weight=weight, scores=score, reduce="sum")
 
         return segmentwise(tokens, one)
 
