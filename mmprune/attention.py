@@ -38,6 +38,24 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([xr * cos + _rotate_half(xr) * sin, xp], dim=-1)
 
 
+def _head_dim(attn) -> int:
+    return getattr(attn, "head_dim", None) or attn.config.hidden_size // attn.config.num_attention_heads
+
+
+def rotary_keys(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """The keys ``attn`` stores in its KV cache for the (normed) input ``hidden``: ``[B, H_kv, P, head_dim]``,
+    fp32, after k_norm (Qwen3) and RoPE."""
+    b, p, _ = hidden.shape
+    k = attn.k_proj(hidden).view(b, p, -1, _head_dim(attn))
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    k = k.transpose(1, 2).float()
+    if position_embeddings is not None:
+        cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)
+        k = _rope(k, cos.float(), sin.float())
+    return k
+
+
 def attention_probs(
     attn: torch.nn.Module,
     hidden: torch.Tensor,
@@ -53,19 +71,18 @@ def attention_probs(
     computed in fp32 whatever the model dtype, so scores compare equal to eager attention's within 1e-5.
     """
     b, p, _ = hidden.shape
-    head_dim = getattr(attn, "head_dim", None) or attn.config.hidden_size // attn.config.num_attention_heads
+    head_dim = _head_dim(attn)
     rows = query_rows.clamp(min=0)
     hq = torch.gather(hidden, 1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     q = attn.q_proj(hq).view(b, rows.shape[1], -1, head_dim)
-    k = attn.k_proj(hidden).view(b, p, -1, head_dim)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2).float()
+    k = rotary_keys(attn, hidden, position_embeddings)
     if position_embeddings is not None:
         cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)  # batch 1 when positions are shared
         idx = rows.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
         q = _rope(q, torch.gather(cos, 1, idx).float(), torch.gather(sin, 1, idx).float())
-        k = _rope(k, cos.float(), sin.float())
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from .attention import attention_probs
+from .attention import attention_probs, rotary_keys
 from .kernels import gather_tokens, scatter_tokens
 from .policies.base import Plan, Tokens, resolve_budget
 from .traces import StageTrace, Trace
@@ -651,8 +651,8 @@ class Engine:
             if rows.shape[1]:
                 sig["text_attn"] = attention_probs(attn, hidden, pe, rows, valid).mean(1)  # [B, Q, P]
             sig["text_rows"] = rows
-        if "llm_keys" in needs:
-            sig["llm_keys"] = attn.k_proj(hidden)  # [B, P, Dk], pre-RoPE
+        if "llm_keys" in needs:  # what the KV cache holds: post-RoPE keys, heads concatenated (DART's)
+            sig["llm_keys"] = rotary_keys(attn, hidden, pe).permute(0, 2, 1, 3).flatten(2)  # [B, P, H_kv * hd]
         run.trace.signal_seconds += time.perf_counter() - t0
         return sig
 
@@ -742,13 +742,20 @@ class Engine:
         """The ``Tokens`` view of sample i's visual rows, with the signals the stage's policy declared."""
         ids = run.vis_ids[i]
         text = question = None
+        seq = run.mask2d[i].long().cumsum(0) - 1  # row -> index in the sample's unpadded current sequence
+        extra = {"rows": seq[rows].cpu()}
+        q_rows = self._question_rows(run, i) if sigs & {"question", "llm_keys", "final_norm"} else None
         if "text" in sigs or "question" in sigs:
             t = run.mask2d[i].bool().clone()
             t[rows] = False
             text = feats[i][t]
             if "question" in sigs:
-                question = feats[i][self._question_rows(run, i)]
-        extra = {}
+                question = feats[i][q_rows]
+        if q_rows is not None:
+            extra["question_rows"] = seq[q_rows].cpu()
+        if "final_norm" in sigs and stage.layer is not None:  # DART's cosine space: the LM's final norm
+            norm = self.adapter.final_norm()
+            extra["normed"], extra["question_normed"] = norm(feats[i, rows]), norm(feats[i, q_rows])
         for name in self.vision_signals:
             if name in sigs and run.vsig[i].get(name) is not None:
                 extra[name] = run.vsig[i][name][ids.to(run.vsig[i][name].device)]
@@ -759,6 +766,7 @@ class Engine:
             extra["text_attn"] = ta[:, rows]
         if "llm_keys" in sigs and scores.get("llm_keys") is not None:
             extra["llm_keys"] = scores["llm_keys"][i, rows]
+            extra["question_keys"] = scores["llm_keys"][i, q_rows]
         rep, inv = run.rep[i], torch.full((len(run.rep[i]),), -1, dtype=torch.long)
         inv[ids.cpu()] = torch.arange(len(ids))
         live = rep >= 0

@@ -337,3 +337,101 @@ def test_visionzip_equals_official(kind, n, k):
         ref = dict(zip(dom, saved[1 : 1 + len(dom)]))  # saved = [CLS, dominant in order, contextual]
         ref.update({t: saved[1 + len(dom) + j] for t, j in tpos.items()})
         torch.testing.assert_close(out, torch.stack([ref[int(i)] for i in plan.keep]), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- DART
+def ref_dart(pruning_paras, last_layer_state, any_states):
+    """Written from ModelTC/LightCompress, commit 9701d035b0aac5df97a2ebaadb30bcf0707616f5,
+    ``llmc/compression/token_reduction/dart.py`` (``get_retained_image_token``): ``any_states`` is layer K-1's
+    key cache ``[1, H, L, hd]``, ``last_layer_state`` layer K's input through the final norm ``[1, L, D]``."""
+    image_token_start_index = pruning_paras["vision_token_start_index"]
+    image_token_length = pruning_paras["vision_token_length"]
+    pivot_image_token = pruning_paras["pivot_image_token"]
+    pivot_text_token = pruning_paras["pivot_text_token"]
+    reduction_ratio = pruning_paras["reduction_ratio"]
+    TOKEN_TOPK = int(image_token_length * (1 - reduction_ratio) / (pivot_image_token + pivot_text_token))  # noqa: N806
+    any_states = any_states.permute(0, 2, 1, 3)
+    any_states = any_states.reshape(any_states.shape[0], any_states.shape[1], -1)
+    k_states_image_token = any_states[0][image_token_start_index : image_token_start_index + image_token_length, :]
+    k_states_query_token = any_states[0][image_token_start_index + image_token_length :, :]
+    k_states_image_token_L1_norm = torch.norm(k_states_image_token, p=1, dim=-1)  # noqa: N806
+    k_states_query_token_L1_norm = torch.norm(k_states_query_token, p=1, dim=-1)  # noqa: N806
+    image_indices = (k_states_image_token_L1_norm.topk(pivot_image_token).indices + image_token_start_index).tolist()
+    query_indices = (k_states_query_token_L1_norm.topk(pivot_text_token).indices
+                     + image_token_start_index + image_token_length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(image_token_start_index, image_token_start_index + image_token_length)) - set(image_indices)
+    valid_indices_list = list(valid_indices)
+    for item in list(indices_set):
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(TOKEN_TOPK).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+        valid_indices_list = list(valid_indices)
+    indices_set.difference_update(query_indices)
+    return torch.tensor(sorted(indices_set))
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "duplicates"])
+@pytest.mark.parametrize("n", [576, 575, 97])
+@pytest.mark.parametrize("k", BUDGETS)
+def test_dart_equals_official(kind, n, k):
+    k = k * n // 576
+    start, tail = 35, 21  # LLaVA-1.5's system prompt before the image, the question after it
+    for seed in SEEDS:
+        x, _ = _inputs(seed, start + n + tail, kind=kind)
+        g = torch.Generator().manual_seed(70 + seed)
+        keys = torch.randn(1, 2, start + n + tail, 16, generator=g)
+        if kind == "ties":
+            keys = keys.round()
+        paras = {"vision_token_start_index": start, "vision_token_length": n, "pivot_image_token": 4,
+                 "pivot_text_token": 4, "reduction_ratio": 1 - k / n}
+        flat = keys.permute(0, 2, 1, 3).flatten(2)[0]
+        if int(n * (1 - paras["reduction_ratio"]) / 8) != k // 8:
+            paras["reduction_ratio"] = 1 - (k + 1e-9) / n  # the official count is int(N (1 - r) / 8): r as meant
+        want = ref_dart(paras, x[None], keys)
+        img, q = slice(start, start + n), slice(start + n, None)
+        tok = Tokens(x[img], [n], [k], llm_keys=flat[img], normed=x[img], question=x[q], question_keys=flat[q],
+                     question_normed=x[q], rows=torch.arange(start, start + n),
+                     question_rows=torch.arange(start + n, start + n + tail))
+        plan = get_policy("dart")().select(tok)
+        assert (plan.keep + start).tolist() == want.tolist()
+        assert len(plan.keep) == 4 + 8 * (k // 8)  # the official count: 68 / 132 / 188 of 576
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_dart_reads_the_cache_keys_and_the_final_norm(family):
+    """End to end: the engine hands DART layer K-1's cached keys and layer K's input through the final norm,
+    so the kept set equals the official selection run on the model's own cache and states."""
+    import mmprune
+    from mmprune.testing import make_inputs, tiny_model
+
+    m = tiny_model(family, seed=3, layers=4)
+    grids = [(1, 8, 12)] if family == "qwen2_vl" else None  # 24 visual tokens (LLaVA's tiny tower: 16)
+    batch = make_inputs(m, [[1]], prompt_lens=[6], seed=3, grids=grids)
+    layers = m.model.language_model.layers
+    seen = {}
+
+    def grab(mod, a, kw):
+        seen.setdefault("h", (a[0] if a else kw["hidden_states"]).clone())
+
+    h = layers[2].register_forward_pre_hook(grab, with_kwargs=True)
+    mmprune.wrap(m, "dart", budget=8)
+    with torch.no_grad():
+        out = m(**batch, use_cache=True)
+    h.remove()
+    tr = mmprune.trace(m)
+    ids = batch["input_ids"][0]
+    vis = torch.isin(ids, torch.tensor([m.config.image_token_id, getattr(m.config, "video_token_id", -1)]))
+    start, n = int(vis.nonzero()[0]), int(vis.sum())
+    keys = (getattr(out, "cache", None) or out.past_key_values).layers[1].keys  # [1, H_kv, L, hd], post-RoPE
+    normed = m.model.language_model.norm(seen["h"])
+    paras = {"vision_token_start_index": start, "vision_token_length": n, "pivot_image_token": 4,
+             "pivot_text_token": 4, "reduction_ratio": 1 - (8 + 1e-9) / n}
+    want = ref_dart(paras, normed, keys.float()) - start
+    assert tr.stages[0].layer == 2
+    assert tr.stages[0].kept[0].tolist() == want.tolist()
+    assert tr.visual_tokens_kept == [4 + 8 * 1]
+    mmprune.unwrap(m)

@@ -237,7 +237,9 @@ def sub_tokens(tokens: Tokens, seg: int) -> Tokens:
         grids=[tokens.grids[seg] if seg < len(tokens.grids) else None], attn=cut(tokens.attn),
         text=tokens.text, layer=tokens.layer, cls_attn=cut(tokens.cls_attn), keys=cut(tokens.keys),
         cls_sim=cut(tokens.cls_sim), tome_groups=cut(tokens.tome_groups), tower_cls=cut(tokens.tower_cls), question=tokens.question, text_attn=cut(tokens.text_attn, 1),
-        llm_keys=cut(tokens.llm_keys), pos=tokens.positions()[sl], sizes=tokens.token_sizes()[sl],
+        llm_keys=cut(tokens.llm_keys), question_keys=tokens.question_keys, normed=cut(tokens.normed),
+        question_normed=tokens.question_normed, rows=cut(tokens.rows), question_rows=tokens.question_rows,
+        pos=tokens.positions()[sl], sizes=tokens.token_sizes()[sl],
         origin=None if tokens.origin is None else [tokens.origin[seg]],
     )
 

@@ -42,9 +42,14 @@ class Tokens:
       (the instruction); all text tokens when nothing follows the image.
     - ``text_attn [Q, N]`` (``"text_attn"``, in-LLM): head-averaged attention of each question token to each
       visual token at layer K-1.
-    - ``llm_keys [N, Dk]`` (``"llm_keys"``, in-LLM): the layer K-1 attention keys (pre-RoPE, heads concatenated).
+    - ``llm_keys [N, Dk]`` (``"llm_keys"``, in-LLM): the keys layer K-1 writes to its KV cache (post-RoPE,
+      k_norm applied, KV heads concatenated); ``question_keys [Q, Dk]`` the same for the question tokens.
+    - ``normed [N, D]`` / ``question_normed [Q, D]`` (``"final_norm"``, in-LLM): the stage's input hidden states
+      of the visual / question tokens through the language model's final norm (DART's similarity space).
 
-    Always filled: ``pos [N]`` each token's original index inside its segment (so grid-based policies work
+    Always filled: ``rows [N]`` each token's index in its sample's current (unpadded) sequence, and
+    ``question_rows [Q]`` the same for the question tokens where a question signal was declared (the
+    official codes' absolute indices); ``pos [N]`` each token's original index inside its segment (so grid-based policies work
     after an earlier stage dropped tokens), ``sizes [N]`` how many original tokens each token already stands
     for (1 unless an earlier stage merged), ``origin`` each segment's token count before the first stage.
 
@@ -67,6 +72,11 @@ class Tokens:
     question: torch.Tensor | None = None
     text_attn: torch.Tensor | None = None
     llm_keys: torch.Tensor | None = None
+    question_keys: torch.Tensor | None = None
+    normed: torch.Tensor | None = None
+    question_normed: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    question_rows: torch.Tensor | None = None
     pos: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
     origin: list[int] | None = None

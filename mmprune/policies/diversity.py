@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import cos_matrix, dpp_greedy, kcenter, segmentwise
+from ._ops import dpp_greedy, kcenter, segmentwise
 from .base import Plan, Policy, Tokens
 
 
@@ -90,24 +90,30 @@ class CDPruner(Policy):
 class DART(Policy):
     """DART (Wen et al., 2025): duplication-aware pruning around pivot tokens.
 
-    Pivots: per image the ``pivots`` visual tokens with the largest key L1 norm (layer K-1 keys inside
-    the LLM, as the paper; the features' L1 norm before the LLM) plus the ``text_pivots`` question tokens
-    with the largest feature L1 norm. Image pivots are kept; each pivot then claims its share of the rest
-    of the budget among the tokens *least* similar to it (cosine of the layer-K input hidden states, i.e.
-    the duplicates of a pivot are what is dropped); leftovers go round-robin, so each image meets its
-    budget exactly. Default stage: LLM layer 2 (the paper's K); pre-LLM works as well.
+    As DART in ModelTC/LightCompress (``llmc/compression/token_reduction/dart.py``, commit 9701d03,
+    ``get_retained_image_token``), the implementation the paper's authors contributed there: pivots are
+    the ``pivots`` image tokens and the ``text_pivots`` question tokens (the tokens after the image) whose
+    layer K-1 *cached* keys (post-RoPE, heads concatenated) have the largest L1 norm. Each pivot in turn
+    (in the official code's order: iteration over a Python ``set`` of the pivots' sequence indices) claims
+    the ``int(k / (pivots + text_pivots))`` remaining image tokens *least* cosine-similar to it, the
+    similarity taken on layer K's input hidden states through the LM's final norm; the image pivots and
+    every claimed token are kept. So a budget of 64 (the paper's ``N (1 - reduction_ratio)``) keeps
+    ``4 + 8 * int(64 / 8) = 68`` tokens, as the official code does, and the trace reports that count.
+    Default stage: LLM layer 2 (the paper's K). Proven equal to a reference written from that file
+    (``tests/test_faithful.py``).
 
-    Deviations: text-pivot norms use hidden states, not keys; selection is per image rather than over the
-    whole prompt.
+    Fallbacks and deviations: before the LLM (``layer=None``) there are no cached keys or final norm, so
+    keys and similarities use the stage's features, and the question's features stand for its keys; per
+    image (the official code handles one image per prompt; the question pivots are shared by all images).
 
     Example:
-        >>> x = torch.tensor([[3., 0.], [2.9, 0.1], [0., 1.], [0.1, 1.]])
-        >>> DART(pivots=1, text_pivots=0).select(Tokens(x, [4], [2])).keep.tolist()
-        [0, 2]
+        >>> x = torch.tensor([[3., 0.], [2.8, 0.1], [0., 1.], [0.1, 1.]])
+        >>> DART(pivots=1, text_pivots=0).select(Tokens(x, [4], [2])).keep.tolist()  # pivot 0 + 2 claimed
+        [0, 2, 3]
     """
 
     name = "dart"
-    signals = ("question", "llm_keys")
+    signals = ("question", "llm_keys", "final_norm")
     default_layer = 2
     paper = "DART, 2025"
     summary = "pivot tokens; drop the tokens most similar to them"
@@ -117,31 +123,43 @@ class DART(Policy):
         return {"pivots": 4, "text_pivots": 4}
 
     def select(self, tokens: Tokens) -> Plan:
-        q = tokens.question if tokens.question is not None else torch.zeros(0, tokens.features.shape[-1])
-        n_txt = min(int(self.options["text_pivots"]), len(q))
-        tp = torch.topk(q.float().abs().sum(-1), n_txt).indices if n_txt else torch.zeros(0, dtype=torch.long)
-        text_piv = q[tp.to(q.device)] if n_txt else q[:0]
+        p_img, p_txt = int(self.options["pivots"]), int(self.options["text_pivots"])
+        q = tokens.question if tokens.question is not None else tokens.features[:0]
+        q_keys = tokens.question_keys if tokens.question_keys is not None else q
+        q_vec = tokens.question_normed if tokens.question_normed is not None else q
+        q_rows = tokens.question_rows if tokens.question_rows is not None else torch.arange(len(q)) + tokens.n
+        n_txt = min(p_txt, len(q_keys))
+        txt = torch.norm(q_keys.float(), p=1, dim=-1).topk(n_txt).indices.cpu() if n_txt else torch.zeros(0, dtype=torch.long)
 
         def one(t: Tokens) -> Plan:
-            n, k = t.n, t.budgets[0]
-            key = t.llm_keys if t.llm_keys is not None else t.features
-            p = min(int(self.options["pivots"]), k)
-            img_piv = torch.sort(key.float().abs().sum(-1).cpu(), descending=True, stable=True).indices[:p]
-            chosen = torch.zeros(n, dtype=torch.bool)
-            chosen[img_piv] = True
-            piv = torch.cat([t.features[img_piv.to(t.features.device)], text_piv.to(t.features)], 0)
-            left = k - p
-            if left > 0 and len(piv):
-                sim = cos_matrix(piv, t.features).cpu()  # [pivots, n]
-                quota = [left // len(piv)] * len(piv)
-                for i in range(left - sum(quota)):
-                    quota[i % len(piv)] += 1
-                for i, qn in enumerate(quota):
-                    s = sim[i].masked_fill(chosen, float("inf"))
-                    pick = torch.sort(s, stable=True).indices[:qn]
-                    chosen[pick] = True
-            elif left > 0:
-                chosen[torch.nonzero(~chosen).flatten()[:left]] = True
-            return Plan(keep=chosen.nonzero().flatten())
+            n = t.n
+            keys = t.llm_keys if t.llm_keys is not None else t.features
+            vec = (t.normed if t.normed is not None else t.features).float()
+            rows = (t.rows if t.rows is not None else torch.arange(n)).long().cpu()
+            per = t.budgets[0] // max(p_img + p_txt, 1)
+            img = torch.norm(keys.float(), p=1, dim=-1).topk(min(p_img, n)).indices.cpu()
+            # the official loop, on sequence indices: its set iteration order decides which pivot claims first
+            table = {int(r): j for j, r in enumerate(rows.tolist())}
+            qv = q_vec.float().to(vec.device)
+            vector = {int(rows[j]): vec[j] for j in img.tolist()}
+            vector.update({int(q_rows[j]): qv[j] for j in txt.tolist()})
+            image_indices = [int(rows[j]) for j in img.tolist()]
+            query_indices = [int(q_rows[j]) for j in txt.tolist()]
+            indices_set = set(image_indices + query_indices)
+            valid = set(table) - set(image_indices)
+            valid_list = list(valid)
+            for item in list(indices_set):
+                if per <= 0 or not valid_list:
+                    break
+                cand = vec[[table[r] for r in valid_list]]
+                cos = -torch.nn.functional.cosine_similarity(vector[item], cand, dim=-1)
+                top = cos.topk(min(per, len(valid_list))).indices.tolist()
+                real = [valid_list[i] for i in top]
+                indices_set.update(real)
+                valid.difference_update(real)
+                valid_list = list(valid)
+            indices_set.difference_update(query_indices)
+            keep = torch.tensor(sorted(table[r] for r in indices_set), dtype=torch.long)
+            return Plan(keep=keep)
 
         return segmentwise(tokens, one)
