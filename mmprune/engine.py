@@ -70,7 +70,7 @@ def _cache_kw(fn) -> str:
 
 
 # Signals captured in the vision tower (adapter.vision_capture), per visual token.
-VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups", "tower_cls")
+VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups", "tower_cls", "next_cls_attn", "next_keys")
 # Signals read at decoder layer K-1 (the score hook on its attention module).
 LLM_SIGNALS = ("attn", "text_attn", "llm_keys")
 
@@ -130,11 +130,22 @@ class Run:
     seg_n0: list = field(default_factory=list)  # per sample: token count of each segment before any stage
     rep: list = field(default_factory=list)  # per sample: original visual id of each original's representative (-1 gone)
     alpha: list = field(default_factory=list)  # per sample: weight of each original in its representative's mean
+    mix: list = field(default_factory=list)  # per sample: [surviving, original] weights once a combine plan ran
     merged: bool = False
+
+    def mixing(self, b: int) -> torch.Tensor:
+        """Sample b's ``[surviving, original]`` mixing matrix from its representatives and weights."""
+        ids = self.vis_ids[b].cpu()
+        inv = torch.full((len(self.rep[b]),), -1, dtype=torch.long)
+        inv[ids] = torch.arange(len(ids))
+        live = (self.rep[b] >= 0).nonzero().flatten()
+        return torch.zeros(len(ids), len(self.rep[b])).index_put_((inv[self.rep[b][live]], live), self.alpha[b][live])
 
     def merge_originals(self, b: int, x: torch.Tensor) -> torch.Tensor:
         """Rows ``x [n_vis, D]`` of sample b's original visual tokens -> one row per surviving token, merged
         with the same groups and weights as the features (Qwen3-VL deepstack inputs follow merges this way)."""
+        if self.mix[b] is not None:
+            return (self.mix[b].to(x.device) @ x.float()).to(x.dtype)
         ids = self.vis_ids[b].to(x.device)
         rep, alpha = self.rep[b].to(x.device), self.alpha[b].to(x.device)
         inv = torch.full((len(rep),), -1, dtype=torch.long, device=x.device)
@@ -452,6 +463,7 @@ class Engine:
             seg_n0=[[cnt for _, cnt, _, _ in s] for s in segs],
             rep=[torch.arange(len(v)) for v in vis_pos],
             alpha=[torch.ones(len(v)) for v in vis_pos],
+            mix=[None for _ in vis_pos],
         )
         run.trace.notes.extend(self.notes)
         for note in ctx.notes:
@@ -791,19 +803,35 @@ class Engine:
         keep = plan.keep.long().cpu()
         bad = len(keep) and (keep.min() < 0 or keep.max() >= n or not bool((keep[1:] > keep[:-1]).all()))
         bad = bad or plan.reduce not in ("mean", "sum")
+        bad = bad or (plan.combine is not None and (plan.assign is None or tuple(plan.combine.shape) != (len(keep), n)))
         if plan.assign is not None and not bad:
             a = plan.assign.long().cpu()
             bad = a.shape != (n,) or a.max() >= len(keep) or not torch.equal(a[keep], torch.arange(len(keep)))
         if bad:
             raise ValueError(f"policy {stage.policy.name!r} returned an invalid plan: keep must be sorted unique "
-                             "indices < n, assign [n] must map kept tokens to their own position, and reduce "
-                             "must be 'mean' or 'sum'")
+                             "indices < n, assign [n] must map kept tokens to their own position, reduce "
+                             "must be 'mean' or 'sum', and combine (with assign) must be [len(keep), n]")
 
     @staticmethod
     def _track_groups(run: Run, i: int, plan: Plan, keep: torch.Tensor) -> None:
-        """Update which surviving token each original visual token is represented by, and its weight."""
+        """Update which surviving token each original visual token is represented by, and its weight; after
+        a ``combine`` plan, the exact ``[surviving, original]`` mixing matrix instead (``Run.mix``)."""
         ids = run.vis_ids[i].cpu()
         n = len(ids)
+        if plan.combine is not None or run.mix[i] is not None:
+            mix = run.mix[i] if run.mix[i] is not None else run.mixing(i)
+            if plan.combine is not None:
+                step = plan.combine.float().cpu()
+            elif plan.assign is not None:
+                a = plan.assign.long().cpu()
+                w = torch.ones(n) if plan.weight is None else plan.weight.float().cpu()
+                w = torch.where(a >= 0, w, torch.zeros_like(w))
+                step = torch.zeros(len(keep), n).index_put_((a.clamp(min=0), torch.arange(n)), w)
+                if plan.reduce == "mean":
+                    step = step / step.sum(1, keepdim=True).clamp(min=1e-30)
+            else:
+                step = torch.zeros(len(keep), n).index_put_((torch.arange(len(keep)), keep), torch.ones(len(keep)))
+            run.mix[i] = step @ mix
         if plan.assign is not None:
             a = plan.assign.long().cpu()
             w = torch.ones(n) if plan.weight is None else plan.weight.float().cpu()
@@ -828,6 +856,9 @@ class Engine:
     @staticmethod
     def _merge(features: torch.Tensor, plan: Plan, k: int) -> torch.Tensor:
         from .kernels import merge_tokens
+
+        if plan.combine is not None:
+            return (plan.combine.to(features.device).float() @ features.float()).to(features.dtype)
 
         assign = plan.assign.to(features.device).long()
         w = None if plan.weight is None else plan.weight.to(features.device)[None]

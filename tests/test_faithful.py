@@ -435,3 +435,133 @@ def test_dart_reads_the_cache_keys_and_the_final_norm(family):
     assert tr.stages[0].kept[0].tolist() == want.tolist()
     assert tr.visual_tokens_kept == [4 + 8 * 1]
     mmprune.unwrap(m)
+
+
+# ----------------------------------------------------------------------------- PruMerge+
+def ref_prumerge_plus(desired_layer_q, desired_layer_k, image_features):
+    """Written from 42Shawn/LLaVA-PruMerge, commit 097c04116a58465e4bcb58cec44a94018a68ff1a,
+    ``llava/model/multimodal_encoder/clip_encoder.py`` (``token_prune_merge_advanced_plus`` with
+    ``if_adaptive=True``, ``outlier_dectection``, ``complement_idx``); the literal 575 is ``N - 1``.
+    Returns ``idx`` (kept, in the official order) and the output features (kept, then the extra token)."""
+    import numpy as np
+
+    b, n, c = image_features.shape
+    attn = torch.softmax((desired_layer_q @ desired_layer_k.transpose(-2, -1)) * c**-0.5, dim=-1)
+    cls_attn = attn[:, 0, 1:]
+    attn_np = cls_attn.to(dtype=torch.float32).cpu().numpy().flatten()
+    q1, q3 = np.percentile(attn_np, 25), np.percentile(attn_np, 75)
+    reduction_ratio = len(np.where(attn_np > q3 + 1.5 * (q3 - q1))[0]) / len(attn_np)
+    _, idx = torch.topk(cls_attn, int(n * reduction_ratio), dim=1, largest=True)
+    step_length = int(1 / reduction_ratio)
+    arithmetic_sequence = torch.arange(0, n - 1, int(step_length / 3))
+    original_tensor_1d = idx.flatten()
+    filtered_sequence = torch.tensor([x for x in arithmetic_sequence if x not in original_tensor_1d])
+    idx = torch.cat((idx, filtered_sequence.unsqueeze(0)), dim=1)
+    index = idx.unsqueeze(-1).expand(-1, -1, c)
+    key_wo_cls = desired_layer_k[:, 1:]
+    x_others = torch.gather(image_features, dim=1, index=index)
+    x_others_attn = torch.gather(cls_attn, dim=1, index=idx)
+    key_others = torch.gather(key_wo_cls, dim=1, index=index)
+    a = torch.arange(n).unsqueeze(0).expand(b, -1)
+    compl = torch.sort(torch.scatter(a, -1, idx, 0), dim=-1).values[:, idx.shape[1]:]  # complement_idx
+    non_topk = torch.gather(image_features, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, c))
+    non_topk_key = torch.gather(key_wo_cls, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, c))
+    non_topk_attn = torch.gather(cls_attn, dim=1, index=compl)
+    key_others_norm = torch.nn.functional.normalize(key_others, p=2, dim=-1)
+    non_topk_key_norm = torch.nn.functional.normalize(non_topk_key, p=2, dim=-1)
+    left_tokens = x_others.shape[1]
+    updated = torch.zeros_like(x_others)
+    for i in range(left_tokens):
+        key_i = key_others_norm[0, i, :].unsqueeze(0).unsqueeze(0)
+        rest_x = torch.cat([x_others[0, :i].unsqueeze(0), x_others[0, i + 1 :].unsqueeze(0), non_topk[0].unsqueeze(0)], dim=1)
+        rest_attn = torch.cat([x_others_attn[0, :i].unsqueeze(0), x_others_attn[0, i + 1 :].unsqueeze(0), non_topk_attn[0].unsqueeze(0)], dim=1)
+        rest_keys = torch.cat([key_others_norm[0, :i].unsqueeze(0), key_others_norm[0, i + 1 :].unsqueeze(0), non_topk_key_norm[0].unsqueeze(0)], dim=1)
+        _, cluster_indices = torch.topk(torch.bmm(key_i, rest_keys.transpose(1, 2)), k=32, dim=2, largest=True)
+        weighted_avg = torch.sum(rest_x[:, cluster_indices.squeeze(), :] * rest_attn[:, cluster_indices.squeeze()].unsqueeze(-1), dim=1)
+        updated[0, i, :] = x_others[0, i, :] + weighted_avg
+    extra_one_token = torch.sum(non_topk * non_topk_attn.unsqueeze(-1), dim=1, keepdim=True)
+    return idx[0], compl[0], torch.cat([updated, extra_one_token], dim=1)[0]
+
+
+@pytest.mark.parametrize("kind", ["random", "duplicates"])
+@pytest.mark.parametrize("n", [576, 575, 97])
+def test_prumerge_plus_equals_official(kind, n):
+    for seed in SEEDS:
+        x, m = _inputs(seed, n + 1, kind=kind)
+        g = torch.Generator().manual_seed(90 + seed)
+        q = torch.randn(1, n + 1, 32, generator=g) * 2
+        idx, compl, want = ref_prumerge_plus(q, m[None], x[None, 1:])
+        cls_row = torch.softmax(q[0, :1] @ m.T * 32**-0.5, dim=-1)[0, 1:]
+        tok = Tokens(x[1:], [n], [n], next_cls_attn=cls_row, next_keys=m[1:])
+        plan = get_policy("prumerge+")().select(tok)
+        # every token kept (no outlier-poor tail): the official extra token sums nothing; mmprune adds none
+        members = idx.tolist() + compl[-1:].tolist()
+        assert plan.keep.tolist() == sorted(members)
+        out = plan.combine @ x[1:]
+        order = {v: j for j, v in enumerate(members)}
+        torch.testing.assert_close(out, want[[order[int(v)] for v in plan.keep]], rtol=1e-4, atol=1e-4)
+        assert len(compl) or n == 97  # the tiny size is the degenerate case; the rest keep a pruned tail
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+def test_prumerge_plus_combine_reaches_features_and_deepstack(family, monkeypatch):
+    """End to end: the LLM gets ``combine @ features`` for the kept rows, and Qwen3-VL's deepstack rows mix
+    with the same matrix; on LLaVA the signal is the next block's [CLS] row as one full-width head."""
+    import mmprune
+    from mmprune.policies.merging import PruMergePlus
+    from mmprune.testing import make_inputs, tiny_model
+
+    m = tiny_model(family, attn="eager")
+    batch = make_inputs(m, [[1], [2, 1]] if family != "llava" else [[1], [1, 1]], prompt_lens=[5, 2])
+    plans, toks = [], []
+    select = PruMergePlus.select
+
+    def spy(self, tokens):
+        plan = select(self, tokens)
+        plans.append(plan)
+        toks.append(tokens)
+        return plan
+
+    monkeypatch.setattr(PruMergePlus, "select", spy)
+    seen, after = {}, {}
+
+    def before(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].clone()
+        seen["ds"] = [d.clone() for d in kwargs.get("deepstack_visual_embeds") or []]
+
+    def late(module, args, kwargs):
+        after["embeds"] = kwargs["inputs_embeds"].clone()
+        after["ds"] = [d.clone() for d in kwargs.get("deepstack_visual_embeds") or []]
+        after["orig"] = m.__dict__["_mmprune"].run.orig.clone()  # LM-input row -> original column
+
+    lm = m.model.language_model
+    h = lm.register_forward_pre_hook(before, with_kwargs=True)
+    mmprune.wrap(m, "prumerge+", budget=1.0)
+    h2 = lm.register_forward_pre_hook(late, with_kwargs=True)
+    with torch.no_grad():
+        m(**batch)
+    h.remove()
+    h2.remove()
+    visual = m.__dict__["_mmprune"].adapter.visual_mask(batch["input_ids"])
+    assert len(plans) == 2 and all(p.combine is not None for p in plans)
+    off0 = off1 = 0
+    for b, plan in enumerate(plans):
+        rows = visual[b].nonzero().flatten()
+        orig = after["orig"][b]
+        kept_visual = (orig >= 0) & visual[b][orig.clamp(min=0)]
+        torch.testing.assert_close(after["embeds"][b][kept_visual], plan.combine @ seen["embeds"][b, rows], atol=1e-5, rtol=1e-4)
+        for d0, d1 in zip(seen["ds"], after["ds"]):  # Qwen3-VL deepstack rows mix with the same matrix
+            n0, n1 = len(rows), len(plan.keep)
+            torch.testing.assert_close(d1[off1 : off1 + n1], plan.combine @ d0[off0 : off0 + n0], atol=1e-5, rtol=1e-4)
+        off0, off1 = off0 + len(rows), off1 + len(plan.keep)
+    if family == "llava":  # the next block's [CLS] row, q and k as one full-width head (eager reference)
+        with torch.no_grad():
+            ref = m.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
+        tower = m.model.vision_tower
+        block = getattr(tower, "vision_model", tower).encoder.layers[1]
+        hidden = block.layer_norm1(ref.hidden_states[1])
+        q, k = block.self_attn.q_proj(hidden), block.self_attn.k_proj(hidden)
+        att = torch.softmax(q[:, :1] @ k.transpose(-1, -2) * hidden.shape[-1] ** -0.5, dim=-1)[:, 0, 1:]
+        torch.testing.assert_close(torch.cat([t.next_cls_attn for t in toks]), att.flatten(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.cat([t.next_keys for t in toks]), k[:, 1:].flatten(0, 1), atol=1e-5, rtol=1e-4)
+    mmprune.unwrap(m)

@@ -55,19 +55,22 @@ def test_visionzip_keeps_highest_cls_attention_and_merges_context_by_key():
     assert get_policy("visionzip")(dominant_ratio=1.0).select(Tokens(torch.randn(n, 4), [n], [2], cls_attn=cls)).keep.tolist() == [3, 7]
 
 
-def test_prumerge_keeps_iqr_outliers_then_uniform_samples():
+def test_prumerge_keeps_iqr_outliers_then_samples_and_sums_neighbours():
     a = torch.full((20,), 0.01)
     a[[2, 11]] = torch.tensor([0.8, 0.9])
     x = torch.randn(20, 8)
     plan = get_policy("prumerge+")().select(Tokens(x, [20], [5], cls_attn=a, keys=x))
-    assert {2, 11} <= set(plan.keep.tolist()) and len(plan.keep) == 5
-    sim = torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(x[plan.keep], dim=-1).T
-    want = sim.argmax(-1)
-    want[plan.keep] = torch.arange(5)  # kept tokens stand for themselves, the rest join their nearest key
-    assert torch.equal(plan.assign, want)
-    assert torch.equal(plan.weight, a)  # groups are [CLS]-attention-weighted means
-    ad = get_policy("prumerge+")(adaptive=True).select(Tokens(x, [20], [20], cls_attn=a, keys=x))
-    assert 2 < len(ad.keep) < 20  # adaptive: outliers + the paper's stride of samples
+    # 2 outliers of 20: ratio 0.1 -> top 2, then samples every int(10 / 3) = 3 tokens, capped at budget - 1,
+    # plus the extra token at the last pruned position
+    assert plan.keep.tolist() == [0, 2, 3, 11, 19]
+    want = a.clone()
+    want[2] = 1.0  # itself + the attention-weighted sum of its 32 nearest (here all 19 others)
+    assert torch.allclose(plan.combine[1], want)
+    pruned = torch.ones(20, dtype=torch.bool)
+    pruned[[0, 2, 3, 11]] = False
+    assert torch.allclose(plan.combine[-1], a * pruned)  # the extra token: every pruned token, weighted
+    fixed = get_policy("prumerge+")(adaptive=False).select(Tokens(x, [20], [5], cls_attn=a, keys=x))
+    assert {2, 11} <= set(fixed.keep.tolist()) and len(fixed.keep) == 5
 
 
 def test_divprune_picks_far_apart_points():
@@ -284,6 +287,8 @@ def test_generate_end_to_end(policy, setup):
     assert [[k.tolist() for k in s.kept] for s in tr.stages] == [[k.tolist() for k in s.kept] for s in tr2.stages]
     assert torch.isfinite(again.logits).all() and again.logits.shape[:2] == batch["input_ids"].shape
     expected = {"cls_sim"} if family.startswith("qwen") else set()  # Qwen towers: no [CLS] similarity
+    if family != "llava":  # PruMerge's [CLS] row of the next block exists only in LLaVA's CLIP tower
+        expected |= {"next_cls_attn", "next_keys"}
     assert {n.split(":")[0] for n in tr.notes} <= expected, tr.notes  # no other signal fell back
     _check_budget(policy, tr, _item_counts(m, batch, family, video, items), 0.5)
     mmprune.unwrap(m)

@@ -67,15 +67,16 @@ class VisionCapture:
         raise NotImplementedError
 
 
-def split_channels(sig: torch.Tensor, key_dim: int) -> dict:
-    """Channels ``[cls_attn, cls_sim, keys..., valid]`` -> signal dict; rows with valid 0 (newline
-    tokens) get zero attention, similarity and keys."""
+def split_channels(sig: torch.Tensor, layout) -> dict:
+    """Channels ``[..., valid]`` -> signal dict, by ``layout`` (``(name, width)`` in channel order); rows with
+    valid 0 (newline tokens) get zeros."""
     valid = (sig[:, -1] > 0.5).to(sig.dtype)
-    return {
-        "cls_attn": sig[:, 0] * valid,
-        "cls_sim": sig[:, 1] * valid,
-        "keys": sig[:, 2 : 2 + key_dim] * valid[:, None],
-    }
+    out, c = {}, 0
+    for name, width in layout:
+        part = sig[:, c : c + width] * valid[:, None]
+        out[name] = part[:, 0] if width == 1 and name != "keys" else part
+        c += width
+    return out
 
 
 class Adapter:

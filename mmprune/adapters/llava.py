@@ -64,6 +64,19 @@ class ClipTowerCapture(VisionCapture):
         self.hs_index = j
         attn = self.layers[max(j - 1, 0)].self_attn
         self.handles.append(attn.register_forward_pre_hook(self._guard(self._tap), with_kwargs=True))
+        self.next_rows: list = []
+        if {"next_cls_attn", "next_keys"} & set(self.names) and self.has_cls and j < n:
+            nxt = self.layers[j].self_attn
+            self.handles.append(nxt.register_forward_pre_hook(self._guard(self._tap_next), with_kwargs=True))
+
+    def _tap_next(self, module, args, kwargs):
+        """PruMerge's reading (42Shawn/LLaVA-PruMerge ``clip_encoder.py``, commit 097c041: hooks on layer 23's
+        q_proj / k_proj, the block after LLaVA's feature layer): q and k as one full-width head,
+        ``softmax(q k^T * C^-0.5)``; the [CLS] row, and the full keys."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q, k = module.q_proj(hidden).float(), module.k_proj(hidden).float()
+        att = torch.softmax(q[:, :1] @ k.transpose(-1, -2) * hidden.shape[-1] ** -0.5, dim=-1)[:, 0]
+        self.next_rows.append((att, k))  # [T, S], [T, S, D]
 
     def _tap(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]  # [T, S, D], after layer_norm1 (maybe ToMe-merged)
@@ -94,8 +107,13 @@ class ClipTowerCapture(VisionCapture):
         hs = output.hidden_states[self.hs_index].float()
         ref = hs[:, :1] if self.has_cls else hs.mean(1, keepdim=True)
         sim = torch.nn.functional.cosine_similarity(hs, ref.expand_as(hs), dim=-1)
-        sig = torch.cat([att[..., None], sim[..., None], keys, torch.ones_like(att)[..., None]], dim=-1)
-        self.key_dim = keys.shape[-1]
+        parts = [att[..., None], sim[..., None], keys]
+        self.layout = [("cls_attn", 1), ("cls_sim", 1), ("keys", keys.shape[-1])]
+        if len(self.next_rows) == 1 and self.next_rows[0][0].shape == att.shape:  # not ToMe-merged
+            n_att, n_keys = self.next_rows[0]
+            parts += [n_att[..., None], n_keys]
+            self.layout += [("next_cls_attn", 1), ("next_keys", n_keys.shape[-1])]
+        sig = torch.cat([*parts, torch.ones_like(att)[..., None]], dim=-1)
         if _strategy(self.adapter, kwargs) == "default":
             sig = sig[:, 1:]
         return sig
@@ -107,7 +125,7 @@ class ClipTowerCapture(VisionCapture):
         feats = list(feats) if not isinstance(feats, (list, tuple)) else feats
         if len(per_item) != len(feats) or any(p.shape[0] != f.shape[0] for p, f in zip(per_item, feats)):
             raise ValueError("signal layout does not match the encoder's tokens")
-        out = [split_channels(p, self.key_dim) for p in per_item]
+        out = [split_channels(p, self.layout) for p in per_item]
         if self.has_cls:  # VisionZip reserves a dominant slot for [CLS] where the tower has one
             for item in out:
                 item["tower_cls"] = torch.ones_like(item["cls_attn"])

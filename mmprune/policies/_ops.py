@@ -236,7 +236,8 @@ def sub_tokens(tokens: Tokens, seg: int) -> Tokens:
         features=tokens.features[sl], segments=[sl.stop - sl.start], budgets=[tokens.budgets[seg]],
         grids=[tokens.grids[seg] if seg < len(tokens.grids) else None], attn=cut(tokens.attn),
         text=tokens.text, layer=tokens.layer, cls_attn=cut(tokens.cls_attn), keys=cut(tokens.keys),
-        cls_sim=cut(tokens.cls_sim), tome_groups=cut(tokens.tome_groups), tower_cls=cut(tokens.tower_cls), question=tokens.question, text_attn=cut(tokens.text_attn, 1),
+        cls_sim=cut(tokens.cls_sim), tome_groups=cut(tokens.tome_groups), tower_cls=cut(tokens.tower_cls),
+        next_cls_attn=cut(tokens.next_cls_attn), next_keys=cut(tokens.next_keys), question=tokens.question, text_attn=cut(tokens.text_attn, 1),
         llm_keys=cut(tokens.llm_keys), question_keys=tokens.question_keys, normed=cut(tokens.normed),
         question_normed=tokens.question_normed, rows=cut(tokens.rows), question_rows=tokens.question_rows,
         pos=tokens.positions()[sl], sizes=tokens.token_sizes()[sl],
@@ -246,7 +247,7 @@ def sub_tokens(tokens: Tokens, seg: int) -> Tokens:
 
 def segmentwise(tokens: Tokens, fn) -> Plan:
     """Run ``fn(one_segment_tokens) -> Plan`` per segment and stitch the plans into one (global indices)."""
-    keeps, assigns, weights, scores = [], [], [], []
+    keeps, assigns, weights, scores, blocks = [], [], [], [], []
     reduce = "mean"
     any_assign = any_weight = any_score = False
     offset = 0
@@ -271,6 +272,7 @@ def segmentwise(tokens: Tokens, fn) -> Plan:
         any_weight |= plan.weight is not None
         scores.append(torch.zeros(n) if plan.scores is None else plan.scores.float().cpu())
         any_score |= plan.scores is not None
+        blocks.append((base, sl, plan.combine))
         offset += n
     if not keeps:
         return Plan(keep=torch.zeros(0, dtype=torch.long))
@@ -285,4 +287,11 @@ def segmentwise(tokens: Tokens, fn) -> Plan:
         plan.weight = torch.cat(weights) if any_weight else None
     if any_score:
         plan.scores = torch.cat(scores)
+    if any(c is not None for _, _, c in blocks):  # block-diagonal combine over the segments
+        if any(c is None for _, _, c in blocks):
+            raise ValueError("segmentwise: either every segment's plan has a combine matrix or none")
+        combine = torch.zeros(len(keep), tokens.n)
+        for base, sl, c in blocks:
+            combine[base : base + c.shape[0], sl] = c.float().cpu()
+        plan.combine = combine[order]
     return plan

@@ -36,6 +36,9 @@ class Tokens:
       feature layer (SigLIP: to the mean patch; Qwen: None).
     - ``tome_groups [N]`` (``"tome_groups"``): after ToMe merged inside the vision tower (LLaVA-1.5), the
       in-image index of the token standing for each token's group (the tower's outputs are unmerged copies).
+    - ``next_cls_attn [N]`` / ``next_keys [N, D]`` (``"next_cls_attn"``, ``"next_keys"``): PruMerge's reading,
+      the [CLS] attention and the keys of the tower block *after* the feature layer, q and k taken as one
+      full-width head (LLaVA's CLIP towers; None elsewhere).
     - ``tower_cls [N]`` (``"tower_cls"``): 1 where the token's vision tower has a [CLS] token (CLIP), so
       ``cls_attn`` is [CLS]'s own attention row; None for towers without one (SigLIP, Qwen).
     - ``question [Q, D]`` (``"question"``): features of the text tokens after the sample's last visual token
@@ -69,6 +72,8 @@ class Tokens:
     cls_sim: torch.Tensor | None = None
     tome_groups: torch.Tensor | None = None
     tower_cls: torch.Tensor | None = None
+    next_cls_attn: torch.Tensor | None = None
+    next_keys: torch.Tensor | None = None
     question: torch.Tensor | None = None
     text_attn: torch.Tensor | None = None
     llm_keys: torch.Tensor | None = None
@@ -113,7 +118,10 @@ class Plan:
     ``assign[n]`` is the position in ``keep`` that token ``n`` merges into (-1 = dropped outright); kept
     tokens map to themselves. ``weight`` optionally weights each token in its group's mean. ``reduce="sum"``
     makes a group's feature the weighted *sum* instead (VisionZip's ``target + mean(others)`` is the sum with
-    weight 1 for the target and ``1 / count`` for the others).
+    weight 1 for the target and ``1 / count`` for the others). ``combine [K, N]`` is a general linear merge
+    for methods whose groups overlap (PruMerge+ adds each kept token's 32 nearest neighbours, kept or not):
+    kept token j's feature is ``sum_n combine[j, n] * feature[n]``; ``assign`` still maps each token to
+    its main group (token sizes, the trace).
     """
 
     keep: torch.Tensor
@@ -121,6 +129,7 @@ class Plan:
     weight: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     reduce: str = "mean"
+    combine: torch.Tensor | None = None
 
 
 class Policy:

@@ -190,59 +190,99 @@ class VisionZip(Policy):
 
 
 class PruMergePlus(Policy):
-    """LLaVA-PruMerge+ (Shang et al.): IQR outliers of [CLS] attention + spatially uniform samples, kNN merge.
+    """LLaVA-PruMerge+ (Shang et al.): IQR outliers of [CLS] attention + spatial samples, kNN merge.
 
-    Per image: tokens whose [CLS] attention exceeds ``Q3 + 1.5 IQR`` (the outliers) are kept first (the
-    highest ones if there are more than the budget); the budget is then filled with spatially uniform
-    samples (evenly spaced over the remaining tokens in raster order). Every other token merges into the
-    kept token with the most similar key, weighted by its [CLS] attention (the kept token by its own).
+    As the official ``token_prune_merge_advanced_plus`` (42Shawn/LLaVA-PruMerge
+    ``llava/model/multimodal_encoder/clip_encoder.py``, commit 097c041), its default ``if_adaptive=True``:
+    the signal is the [CLS] row of ``softmax(q k^T / sqrt(C))`` with q and k the full-width projections of
+    the tower block *after* the feature layer (layer 23 of LLaVA-1.5's 24; ``Tokens.next_cls_attn``), the
+    ratio is the fraction of IQR outliers (``> Q3 + 1.5 IQR``); the ``int(N * ratio)`` highest tokens are
+    kept, then the samples ``arange(0, N - 1, int(int(1 / ratio) / 3))`` not already kept. Each kept token
+    becomes itself plus the attention-weighted *sum* of its 32 nearest tokens by key cosine (kept or not),
+    and one extra token, the attention-weighted sum of every pruned token, is appended (``Plan.combine``;
+    it sits at the last pruned token's position). The count is adaptive (the official code ignores any
+    ratio given to it); the budget caps it: past ``budget - 1`` the last samples are left out, so the
+    extra token still fits. Proven equal to a reference written from that file (``tests/test_faithful.py``).
 
-    ``adaptive=True`` follows the paper's count instead: outliers plus uniform samples with a stride of a
-    third of ``n / outliers`` (PruMerge+'s rule), capped by the budget.
+    What differs by construction: the official code merges CLIP hidden states and then projects; here the
+    merge runs on the projected features (the engine's pre-LLM stage), and kept tokens keep their original
+    positions and order (the official order is by score, then samples, then the extra token). Fallbacks:
+    towers without [CLS] or without a block after the feature layer use ``cls_attn`` / ``keys`` (mean
+    attention received, head-averaged keys), said in the trace; no outlier at all keeps the top ``1/8``.
 
-    Deviations: PruMerge adds, to each kept token, the attention-weighted sum of its 32 nearest neighbours
-    (a token may feed several kept tokens, and the sum is not normalised); here each pruned token joins
-    exactly one kept token (its nearest) and groups are attention-weighted means, which keeps feature norms.
-    Fallbacks as ``visionzip`` (mean attention received where there is no [CLS]).
+    ``adaptive=False`` (deviation, for a fixed count): outliers first (highest first, at most the budget),
+    then evenly spaced samples among the rest to fill the budget exactly, merged the same way, no extra
+    token.
 
     Example:
         >>> a = torch.full((16,), 0.01); a[5] = 0.9
-        >>> PruMergePlus().select(Tokens(torch.randn(16, 4), [16], [3], cls_attn=a)).keep.tolist()
+        >>> PruMergePlus(adaptive=False).select(Tokens(torch.randn(16, 4), [16], [3], cls_attn=a)).keep.tolist()
         [3, 5, 12]
     """
 
     name = "prumerge+"
     stages = ("pre",)
-    signals = ("cls_attn", "keys", "grid")
+    signals = ("cls_attn", "keys", "next_cls_attn", "next_keys", "grid")
     paper = "LLaVA-PruMerge(+), 2024"
-    summary = "IQR outliers of [CLS] attention + uniform samples, kNN merge"
+    summary = "IQR outliers of [CLS] attention + spatial samples, kNN merge"
 
     @classmethod
     def option_defaults(cls):
-        return {"adaptive": False}
+        return {"adaptive": True}
 
     def select(self, tokens: Tokens) -> Plan:
-        def one(t: Tokens) -> Plan:
-            n, k = t.n, t.budgets[0]
-            score = (t.cls_attn if t.cls_attn is not None else attention_received(t.features)).float().cpu()
-            q1, q3 = torch.quantile(score, 0.25), torch.quantile(score, 0.75)
-            out = (score > q3 + 1.5 * (q3 - q1)).nonzero().flatten()
-            out = out[torch.sort(score[out], descending=True, stable=True).indices][:k]
-            chosen = torch.zeros(n, dtype=torch.bool)
-            chosen[out] = True
-            rest = (~chosen).nonzero().flatten()
-            if self.options["adaptive"]:
-                stride = max(1, (n // max(len(out), 1)) // 3)
-                extra = torch.arange(0, n, stride)
-                extra = extra[~chosen[extra]][: max(0, k - len(out))]
-            else:
-                extra = rest[evenly_spaced(len(rest), min(len(rest), k - len(out)))]
-            keep = torch.cat([out, extra]).unique().sort().values
-            metric = t.keys if t.keys is not None else t.features
-            assign = nearest_assign(n, keep, cos_matrix(metric, metric[keep]))
-            return Plan(keep=keep, assign=assign, weight=score.clamp(min=1e-12) * t.token_sizes(), scores=score)
+        return segmentwise(tokens, self._one)
 
-        return segmentwise(tokens, one)
+    def _one(self, t: Tokens) -> Plan:
+        n, k = t.n, t.budgets[0]
+        score = t.next_cls_attn if t.next_cls_attn is not None else t.cls_attn
+        score = (score if score is not None else attention_received(t.features)).float().cpu()
+        keys = t.next_keys if t.next_keys is not None else t.keys
+        keys = (keys if keys is not None else t.features).float().cpu()
+        q1, q3 = torch.quantile(score, 0.25), torch.quantile(score, 0.75)  # np.percentile's linear rule
+        outliers = int((score > q3 + 1.5 * (q3 - q1)).sum())
+        if self.options["adaptive"]:
+            ratio = outliers / n if outliers else 1 / 8
+            idx = torch.topk(score, int(n * ratio), largest=True).indices
+            step = max(1, int(int(1 / ratio) / 3))
+            taken = set(idx.tolist())
+            extra = [x for x in range(0, max(n - 1, 1), step) if x not in taken]
+            idx = torch.cat([idx, torch.tensor(extra, dtype=torch.long)])
+            if len(idx) + (len(idx) < n) > k:  # the budget caps the count, the extra token included
+                idx = idx[: max(k - 1, 1)]
+        else:
+            top = torch.sort(score, descending=True, stable=True).indices[: min(outliers, k)]
+            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen[top] = True
+            rest = (~chosen).nonzero().flatten()
+            idx = torch.cat([top, rest[evenly_spaced(len(rest), min(len(rest), k - len(top)))]])
+        compl = torch.ones(n, dtype=torch.bool)
+        compl[idx] = False
+        compl = compl.nonzero().flatten()
+        # each kept token: itself + the attention-weighted sum of its 32 nearest others (kept first, in idx
+        # order, then the pruned ones), as the official per-token loop
+        kn = torch.nn.functional.normalize(keys, p=2, dim=-1)
+        rows = torch.zeros(len(idx), n)
+        for i in range(len(idx)):
+            others = torch.cat([idx[:i], idx[i + 1 :], compl])
+            if len(others) == 0:
+                rows[i, idx[i]] = 1.0
+                continue
+            sim = torch.bmm(kn[idx[i]][None, None], kn[others][None].transpose(1, 2))[0, 0]  # the official op
+            near = others[torch.topk(sim, k=min(32, len(others)), largest=True).indices]
+            rows[i].index_add_(0, near, score[near])
+            rows[i, idx[i]] += 1.0
+        members = idx
+        if self.options["adaptive"] and len(compl):  # the extra token: every pruned token, attention-weighted
+            rows = torch.cat([rows, torch.zeros(1, n).index_put_((torch.zeros_like(compl), compl), score[compl])])
+            members = torch.cat([idx, compl[-1:]])
+        order = torch.argsort(members)
+        keep = members[order]
+        assign = torch.full((n,), -1, dtype=torch.long)
+        assign[keep] = torch.arange(len(keep))
+        if self.options["adaptive"] and len(compl):
+            assign[compl] = int(torch.searchsorted(keep, compl[-1:]))
+        return Plan(keep=keep, assign=assign, combine=rows[order], scores=score)
 
 
 class Pool(Policy):
