@@ -11,10 +11,8 @@ import torch
 from ._ops import (
     attention_received,
     bipartite_merge,
-    cos_matrix,
     evenly_spaced,
     grid_coords,
-    nearest_assign,
     segmentwise,
 )
 from .base import Plan, Policy, Tokens
