@@ -52,15 +52,6 @@ def evenly_spaced(n: int, k: int) -> torch.Tensor:
     return ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).floor().long().clamp(max=n - 1)
 
 
-def nearest_assign(n: int, keep: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
-    """``assign [n]``: kept tokens map to themselves, every other token to the kept token it is most similar
-    to (``sim [n, len(keep)]``)."""
-    keep = keep.cpu()
-    assign = sim.float().cpu().argmax(-1)
-    assign[keep] = torch.arange(len(keep))
-    return assign
-
-
 def _tome_merge(x: torch.Tensor, idx, reduce: str) -> torch.Tensor:
     """ToMe's ``merge`` closure on ``x [t, c]``: rows ``[A unmerged, B with the merged A rows reduced in]``."""
     unm_idx, src_idx, dst_idx = idx
