@@ -131,6 +131,8 @@ class Run:
     rep: list = field(default_factory=list)  # per sample: original visual id of each original's representative (-1 gone)
     alpha: list = field(default_factory=list)  # per sample: weight of each original in its representative's mean
     mix: list = field(default_factory=list)  # per sample: [surviving, original] weights once a combine plan ran
+    embeds0: torch.Tensor | None = None  # the LM's input embeddings before any stage (signal "input_embeds")
+    vis_pos0: list = field(default_factory=list)  # per sample: original columns of its visual tokens
     merged: bool = False
 
     def mixing(self, b: int) -> torch.Tensor:
@@ -464,6 +466,8 @@ class Engine:
             rep=[torch.arange(len(v)) for v in vis_pos],
             alpha=[torch.ones(len(v)) for v in vis_pos],
             mix=[None for _ in vis_pos],
+            embeds0=x if any("input_embeds" in s.policy.signals for s in self.stages) else None,
+            vis_pos0=vis_pos,
         )
         run.trace.notes.extend(self.notes)
         for note in ctx.notes:
@@ -756,7 +760,7 @@ class Engine:
         text = question = None
         seq = run.mask2d[i].long().cumsum(0) - 1  # row -> index in the sample's unpadded current sequence
         extra = {"rows": seq[rows].cpu()}
-        q_rows = self._question_rows(run, i) if sigs & {"question", "llm_keys", "final_norm"} else None
+        q_rows = self._question_rows(run, i) if sigs & {"question", "llm_keys", "final_norm", "input_embeds"} else None
         if "text" in sigs or "question" in sigs:
             t = run.mask2d[i].bool().clone()
             t[rows] = False
@@ -765,6 +769,9 @@ class Engine:
                 question = feats[i][q_rows]
         if q_rows is not None:
             extra["question_rows"] = seq[q_rows].cpu()
+        if "input_embeds" in sigs and run.embeds0 is not None:  # SparseVLM's raters: the LM-input embeddings
+            extra["visual_embeds"] = run.embeds0[i, run.vis_pos0[i]]
+            extra["question_embeds"] = run.embeds0[i, run.orig[i, q_rows]]
         if "final_norm" in sigs and stage.layer is not None:  # DART's cosine space: the LM's final norm
             norm = self.adapter.final_norm()
             extra["normed"], extra["question_normed"] = norm(feats[i, rows]), norm(feats[i, q_rows])

@@ -565,3 +565,119 @@ def test_prumerge_plus_combine_reaches_features_and_deepstack(family, monkeypatc
         torch.testing.assert_close(torch.cat([t.next_cls_attn for t in toks]), att.flatten(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(torch.cat([t.next_keys for t in toks]), k[:, 1:].flatten(0, 1), atol=1e-5, rtol=1e-4)
     mmprune.unwrap(m)
+
+
+# ----------------------------------------------------------------------------- SparseVLM
+def ref_cluster_and_merge(x, cluster_num):
+    """Written from Gumpest/SparseVLMs, commit 26a5f48813c46cd1c7364160354e7fdd3febaa67,
+    ``llava/model/language_model/utils.py`` (``cluster_and_merge``, ``index_points``), batch of one; the
+    density noise is the official ``torch.rand`` (seed the global generator with 0 first)."""
+    b, n, c = x.shape
+    dist_matrix = (x[:, :, None, :] - x[:, None, :, :]).norm(dim=-1, p=2) / (c**0.5)
+    dist_nearest, _ = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
+    density = (-(dist_nearest**2).mean(dim=-1)).exp()
+    density = density + torch.rand(density.shape, dtype=density.dtype) * 1e-6
+    mask = (density[:, None, :] > density[:, :, None]).type(x.dtype)
+    dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
+    dist, _ = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
+    _, index_down = torch.topk(dist * density, k=cluster_num, dim=-1)
+    dm = torch.gather(dist_matrix, 1, index_down[..., None].expand(-1, -1, n))  # index_points
+    idx_cluster = dm.argmin(dim=1)
+    idx_cluster[0, index_down[0]] = torch.arange(cluster_num)
+    all_weight = torch.zeros(cluster_num, 1).index_add_(0, idx_cluster[0], torch.ones(n, 1)) + 1e-6
+    x_merged = torch.zeros(cluster_num, c).index_add_(0, idx_cluster[0], x[0] / all_weight[idx_cluster[0]])
+    return index_down[0], idx_cluster[0], x_merged
+
+
+def ref_sparsevlm(lm, embeds, v_start, v_num, pruning_loc, counts):
+    """Written from Gumpest/SparseVLMs, commit 26a5f48, ``modelling_sparse_llama.py`` (``LlamaModel.forward``,
+    inference branch, version 1_0) and ``score.py`` (``attn_postprocess_topk``), batch of one, eager: raters
+    from the input embeddings; at each pruning layer L, L's own attention on its input ranks the visual
+    tokens, ``topk(min(count, v - 1))`` stay, ``int(0.3 n_del) + 1`` deleted ones are clustered into
+    ``int(m / 10) + 1`` recycled tokens, all from L's output. Placement, stated: mmprune keeps original
+    positions (a recycled token at its centre's), the official code renumbers and appends the recycled
+    tokens after the kept ones; the first stage is unaffected. Returns per stage the kept original visual
+    indices (recycled tokens by their centres) and the recycled groups."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    t_start = v_start + v_num
+    v_t, t_t = embeds[:, v_start:t_start], embeds[:, t_start:]
+    m_v_t = (v_t @ t_t.transpose(1, 2)).softmax(2).mean(1)
+    t_token_idx = torch.where(m_v_t > m_v_t.mean())[1]
+    hidden, pos = embeds, torch.arange(embeds.shape[1])[None]
+    vis = torch.arange(v_num)  # original visual index standing for each current visual row
+    out = []
+    for layer_idx, layer in enumerate(lm.layers):
+        seq = hidden.shape[1]
+        mask = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+        pe = lm.rotary_emb(hidden, pos)
+        if layer_idx in pruning_loc:
+            attn = layer.self_attn
+            h = layer.input_layernorm(hidden)
+            q = attn.q_proj(h).view(1, seq, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(1, seq, -1, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, *pe)
+            k = repeat_kv(k, q.shape[1] // k.shape[1])
+            logits = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(attn.head_dim) + mask, dim=-1)
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        if layer_idx not in pruning_loc:
+            continue
+        cur_v = len(vis)
+        rel = logits.mean(1)[0][t_token_idx + v_start + cur_v][:, v_start : v_start + cur_v].mean(0)
+        top = torch.topk(rel, min(counts[pruning_loc.index(layer_idx)], cur_v - 1)).indices
+        keep_mask = torch.zeros(cur_v, dtype=torch.bool)
+        keep_mask[top] = True
+        deleted = (~keep_mask).nonzero().flatten()
+        m = int(len(deleted) * 0.3) + 1
+        pool = deleted[rel[deleted].topk(m)[1]]
+        cluster_num = int(m / 10) + 1
+        torch.manual_seed(0)
+        centres, member, merged = ref_cluster_and_merge(hidden[:, v_start + pool], cluster_num)
+        rows_v = torch.cat([top, pool[centres]])
+        feats = torch.cat([hidden[0, v_start + top], merged])
+        order = torch.argsort(rows_v)
+        new_vis = hidden[0, v_start + rows_v[order]].clone()
+        new_vis[:] = feats[order]
+        hidden = torch.cat([hidden[:, :v_start], new_vis[None], hidden[:, v_start + cur_v :]], dim=1)
+        pos = torch.cat([pos[:, :v_start], pos[:, v_start + rows_v[order]], pos[:, v_start + cur_v :]], dim=1)
+        groups = {int(vis[pool[centres[j]]]): sorted(vis[pool[member == j]].tolist()) for j in range(cluster_num)}
+        vis = vis[rows_v[order]]
+        out.append((vis.tolist(), groups))
+    return out
+
+
+@pytest.mark.parametrize("budget", [4, 0.5])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sparsevlm_equals_official(budget, seed):
+    import mmprune
+    from mmprune.policies.inllm import sparsevlm_counts
+    from mmprune.testing import make_inputs, tiny_model
+
+    m = tiny_model("llava", seed=seed, attn="eager", layers=8)
+    batch = make_inputs(m, [[1]], prompt_lens=[5], seed=seed)
+    seen = {}
+    lm = m.model.language_model
+    h = lm.register_forward_pre_hook(lambda mod, a, kw: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        m(**batch)
+    h.remove()
+    ids = batch["input_ids"][0]
+    v_start = int((ids == m.config.image_token_id).nonzero()[0])
+    n0 = int((ids == m.config.image_token_id).sum())
+    counts = sparsevlm_counts(budget * n0 if isinstance(budget, float) else budget, n0)
+    with torch.no_grad():
+        want = ref_sparsevlm(lm, seen["inputs_embeds"], v_start, n0, [1, 2, 4], counts)
+    mmprune.wrap(m, "sparsevlm", budget=budget)
+    with torch.no_grad():
+        m(**batch)
+    tr = mmprune.trace(m)
+    assert [s.layer for s in tr.stages] == [2, 3, 5]  # dropped after the layers that rated: 1, 2, 4 of 8
+    vis = torch.arange(n0)
+    for s, (want_vis, want_groups) in zip(tr.stages, want):
+        before = vis
+        vis = vis[s.kept[0]]
+        assert vis.tolist() == want_vis
+        a = s.assign[0]
+        groups = {int(vis[j]): sorted(before[(a == j)].tolist()) for j in range(len(vis)) if (a == j).sum() > 1}
+        assert groups == {c: g for c, g in want_groups.items() if len(g) > 1}
+    mmprune.unwrap(m)

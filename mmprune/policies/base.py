@@ -47,6 +47,8 @@ class Tokens:
       visual token at layer K-1.
     - ``llm_keys [N, Dk]`` (``"llm_keys"``, in-LLM): the keys layer K-1 writes to its KV cache (post-RoPE,
       k_norm applied, KV heads concatenated); ``question_keys [Q, Dk]`` the same for the question tokens.
+    - ``visual_embeds [N0, D]`` / ``question_embeds [Q, D]`` (``"input_embeds"``): the language model's input
+      embeddings of *all* the sample's original visual tokens and of its question tokens (SparseVLM's raters).
     - ``normed [N, D]`` / ``question_normed [Q, D]`` (``"final_norm"``, in-LLM): the stage's input hidden states
       of the visual / question tokens through the language model's final norm (DART's similarity space).
 
@@ -79,6 +81,8 @@ class Tokens:
     llm_keys: torch.Tensor | None = None
     question_keys: torch.Tensor | None = None
     normed: torch.Tensor | None = None
+    visual_embeds: torch.Tensor | None = None
+    question_embeds: torch.Tensor | None = None
     question_normed: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     question_rows: torch.Tensor | None = None

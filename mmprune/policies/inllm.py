@@ -7,12 +7,10 @@ visual tokens; int: tokens per image), reached by a geometric schedule over the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..config import PruneConfig
-from ._ops import attention_received, evenly_spaced, kcenter, normed, topk_indices
+from ._ops import attention_received, evenly_spaced, topk_indices
 from .base import Plan, Policy, Tokens, resolve_budget
 
 
@@ -158,77 +156,146 @@ class PyramidDrop(Staged):
         return Plan(keep=topk_indices(score, sum(self.targets(tokens))), scores=score)
 
 
+# SparseVLM's official kept counts after its three pruning layers, per "retained tokens" setting, for
+# LLaVA-1.5's 576 visual tokens and 32 layers (Gumpest/SparseVLMs llava/model/language_model/score.py,
+# commit 26a5f48, version 1_0): the setting is the average over layers, not the final count.
+SPARSEVLM_COUNTS = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
+
+
+def sparsevlm_counts(target: float, n0: int) -> list[int]:
+    """Kept counts per stage for ``target`` tokens (the paper's average-over-layers budget) of ``n0``: the
+    official table at 576 tokens; elsewhere its ratios, interpolated over ``target / n0`` between the
+    official settings (scaled proportionally outside them)."""
+    if n0 == 576 and target in SPARSEVLM_COUNTS:
+        return list(SPARSEVLM_COUNTS[int(target)])
+    keys = sorted(SPARSEVLM_COUNTS)
+    f = target / n0
+    xs = [k / 576 for k in keys]
+    out = []
+    for s in range(3):
+        ys = [SPARSEVLM_COUNTS[k][s] / 576 for k in keys]
+        if f <= xs[0]:
+            r = ys[0] * f / xs[0]
+        elif f >= xs[-1]:
+            r = ys[-1] * f / xs[-1]
+        else:
+            j = max(i for i in range(len(xs)) if xs[i] <= f)
+            j = min(j, len(xs) - 2)
+            r = ys[j] + (ys[j + 1] - ys[j]) * (f - xs[j]) / (xs[j + 1] - xs[j])
+        out.append(max(1, min(n0, int(n0 * min(r, 1.0)))))
+    return out
+
+
+def density_peak_merge(x: torch.Tensor, cluster_num: int):
+    """SparseVLM's ``cluster_and_merge`` (DPC-KNN; Gumpest/SparseVLMs ``llava/model/language_model/utils.py``,
+    commit 26a5f48) on ``x [N, C]``: returns ``(centres, assign)``, the cluster centres (indices into x, in
+    the official order) and each token's cluster. The official code breaks density ties with
+    ``torch.rand * 1e-6`` from the global generator; here the noise comes from a generator seeded 0, so a
+    run is reproducible (and equals the official one after ``torch.manual_seed(0)``)."""
+    n, c = x.shape
+    dist_matrix = (x[:, None, :] - x[None, :, :]).norm(dim=-1, p=2)[None] / (c**0.5)
+    dist_nearest, _ = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
+    density = (-(dist_nearest**2).mean(dim=-1)).exp()
+    density = density + torch.rand(density.shape, generator=torch.Generator().manual_seed(0), dtype=density.dtype) * 1e-6
+    mask = (density[:, None, :] > density[:, :, None]).type(x.dtype)
+    dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
+    dist, _ = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
+    _, index_down = torch.topk(dist * density, k=cluster_num, dim=-1)
+    idx_cluster = dist_matrix[0][index_down[0]].argmin(dim=0)
+    idx_cluster[index_down[0]] = torch.arange(cluster_num)
+    return index_down[0], idx_cluster
+
+
 class SparseVLM(Staged):
-    """SparseVLM (Zhang et al., ICML'25): text raters, rank-adaptive deletion, recycling.
+    """SparseVLM (Zhang et al., ICML'25): text raters rate visual tokens; deleted tokens are recycled.
 
-    At each stage (default layers 2, 6, 15 of 32, scaled to the model's depth) the question tokens'
-    attention to the visual tokens is computed at the previous layer (SDPA-compatible tap). Raters are the
-    question tokens whose mean attention to the image is at least the average; a visual token's score is
-    its mean attention from the raters. The number deleted is rank-adaptive, ``lambda * (N - rank(P))``
-    for the raters' attention matrix ``P``, with ``lambda`` set so that a full-rank ``P`` meets the stage's
-    target exactly: a rank-deficient ``P`` (redundant raters) deletes more, so the budget is a cap.
-    Recycling: the best-scored ``pool`` fraction of the deleted tokens is clustered into ``recycle`` x
-    kept-count merged tokens (score-weighted means), which take slots of the budget.
+    As the official ``LlamaModel.forward`` (Gumpest/SparseVLMs ``llava/model/language_model/
+    modelling_sparse_llama.py`` and ``score.py``, commit 26a5f48, default version 1_0):
 
-    Deviations: clusters come from k-center seeds + nearest assignment (the paper uses density-peak
-    clustering), and a recycled token sits at its seed's position. Adaptive (cap).
+    - Raters are chosen once, from the LLM's *input embeddings*: ``softmax_text(v t^T)`` averaged over the
+      visual tokens, and the text tokens after the image scoring above its mean rate.
+    - Pruning layers 2, 6, 15 of 32 (scaled to the model's depth; ``layers=[...]`` to choose): layer L's own
+      attention (head-averaged, on its input) from the raters to the visual tokens ranks them, and the
+      tokens are dropped *after* layer L, i.e. the stage runs at L + 1 with the signal of layer L.
+    - Counts: the budget is the paper's average over layers; ``64`` keeps 66, 30, 17 after the three
+      layers (the official table; other budgets and sizes use its ratios, ``sparsevlm_counts``), and
+      ``min(count, n - 1)`` stay each time.
+    - Recycling: of the deleted tokens, the ``int(0.3 * n_deleted) + 1`` best rated are clustered by
+      density peaks into ``int(m / 10) + 1`` tokens (``density_peak_merge``, sums of ``x / (size + 1e-6)``
+      as there), *added* to the kept tokens. The trace reports the true per-layer counts.
+
+    Proven equal to a reference written from that code (``tests/test_faithful.py``). Deviations: a
+    recycled token sits at its cluster centre's position (the official code appends it after the kept
+    visual tokens and renumbers positions); several images of one sample are ranked together.
+    ``recycle=False`` is version 2_0's "cancel merge" (no recycled tokens).
 
     Example:
-        >>> ta = torch.tensor([[.1, .5, .2, .1, .1], [.2, .4, .3, .05, .05]])
-        >>> SparseVLM(recycle=0.0).select(Tokens(torch.randn(5, 4), [5], [2], text_attn=ta)).keep.tolist()
-        [1, 2]
+        >>> sparsevlm_counts(64, 576), sparsevlm_counts(144, 576)  # the official table; interpolated
+        ([66, 30, 17], [302, 132, 54])
     """
 
     name = "sparsevlm"
     stages = ("llm",)
-    signals = ("text_attn",)
-    adaptive = True
+    signals = ("text_attn", "input_embeds")
     paper = "SparseVLM, ICML'25"
-    summary = "question tokens rate visual tokens, rank-adaptive count, recycling"
+    summary = "text raters rate visual tokens, official per-layer counts, recycling"
 
     @classmethod
     def option_defaults(cls):
-        return {"layers": None, "recycle": 0.1, "pool": 0.3}
+        return {"layers": None, "recycle": True}
 
     @classmethod
     def default_layers(cls, config, num_layers):
-        if config.options.get("layers") is not None or config.layer is not None:
-            return super().default_layers(config, num_layers)
-        return pyramid_layers(num_layers, fractions=(2 / 32, 6 / 32, 15 / 32))
+        if config.options.get("layers") is not None:
+            signal = sorted({int(v) for v in config.options["layers"]})
+        elif config.layer is not None:
+            signal = pyramid_layers(num_layers, config.layer - 1)
+        else:
+            signal = pyramid_layers(num_layers, fractions=(2 / 32, 6 / 32, 15 / 32))
+        return [v + 1 for v in signal if v + 1 < num_layers]  # the drop follows the layer that rated
+
+    def counts(self, tokens: Tokens) -> int:
+        out = 0
+        for n0 in tokens.origin or tokens.segments:
+            target = self.final_budget * n0 if isinstance(self.final_budget, float) else min(n0, int(self.final_budget))
+            table = sparsevlm_counts(target, n0)
+            out += table[min(self.stage_index, len(table) - 1) + max(0, 3 - self.num_stages)]
+        return out
 
     def select(self, tokens: Tokens) -> Plan:
         n = tokens.n
-        k = min(n, sum(self.targets(tokens)))
-        p = tokens.text_attn.float().cpu() if tokens.text_attn is not None and tokens.text_attn.shape[0] else None
-        if p is None:
-            score, rank, full = _text_relevance(tokens), n, n
+        if tokens.text_attn is None or not tokens.text_attn.shape[0]:
+            relation = _text_relevance(tokens)
         else:
-            rel = p.mean(-1)
-            raters = p[rel >= rel.mean()]
-            score = raters.mean(0)
-            rank = int(torch.linalg.matrix_rank(raters.double()))
-            full = min(raters.shape[0], n)
-        lam = (n - k) / max(n - full, 1)
-        n_del = min(n - 1, max(n - k, int(round(lam * (n - rank)))))
-        keep_n = n - n_del
-        c = max(0, min(keep_n - 1, int(round(float(self.options["recycle"]) * keep_n)))) if n_del else 0
-        top = topk_indices(score, keep_n - c)
-        if c == 0:
-            return Plan(keep=top, scores=score)
-        gone = torch.ones(n, dtype=torch.bool)
-        gone[top] = False
-        deleted = gone.nonzero().flatten()
-        deleted = deleted[torch.sort(score[deleted], descending=True, stable=True).indices]
-        pool = deleted[: max(c, math.ceil(float(self.options["pool"]) * len(deleted)))]
-        seeds = pool[kcenter(tokens.features[pool.to(tokens.features.device)], c)]
-        keep = torch.cat([top, seeds]).sort().values
+            p = tokens.text_attn.float().cpu()
+            if tokens.visual_embeds is not None and tokens.question_embeds is not None and len(tokens.question_embeds):
+                v, t = tokens.visual_embeds.float(), tokens.question_embeds.float()
+                m_v_t = (v @ t.T).softmax(1).mean(0).cpu()
+                raters = m_v_t > m_v_t.mean()
+            else:
+                raters = torch.ones(p.shape[0], dtype=torch.bool)
+            relation = p[raters].mean(0)
+        # min(count, n - 1) as the official code (one token at least is deleted, so recycling has input);
+        # a lone token stays (the official rule would delete it, which 576-token images never reach)
+        keep_n = max(1, min(self.counts(tokens) if self.final_budget is not None else sum(tokens.budgets), n - 1))
+        top = torch.topk(relation, keep_n).indices.sort().values
+        if not self.options["recycle"] or keep_n >= n:  # nothing deleted: nothing to recycle
+            return Plan(keep=top, scores=relation)
+        deleted = torch.ones(n, dtype=torch.bool)
+        deleted[top] = False
+        deleted = deleted.nonzero().flatten()
+        m = int(len(deleted) * 0.3) + 1
+        pool = deleted[relation[deleted].topk(m).indices]
+        cluster_num = int(m / 10) + 1
+        centres, member = density_peak_merge(tokens.features[pool.to(tokens.features.device)].float().cpu(), cluster_num)
+        keep = torch.cat([top, pool[centres]]).sort().values
         assign = torch.full((n,), -1, dtype=torch.long)
         assign[keep] = torch.arange(len(keep))
-        f = normed(tokens.features)
-        near = (f[pool.to(f.device)] @ f[seeds.to(f.device)].T).argmax(-1).cpu()
-        assign[pool] = torch.searchsorted(keep, seeds)[near]
-        assign[seeds] = torch.searchsorted(keep, seeds)
-        return Plan(keep=keep, assign=assign, weight=score.clamp(min=1e-12) * tokens.token_sizes(), scores=score)
+        assign[pool] = torch.searchsorted(keep, pool[centres])[member]
+        size = torch.bincount(member, minlength=cluster_num).float()
+        weight = torch.ones(n)
+        weight[pool] = 1.0 / (size[member] + 1e-6)  # the official norm_weight
+        return Plan(keep=keep, assign=assign, weight=weight, scores=relation, reduce="sum")
 
 
 class ATP(Staged):
