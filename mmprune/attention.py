@@ -42,6 +42,19 @@ def _head_dim(attn) -> int:
     return getattr(attn, "head_dim", None) or attn.config.hidden_size // attn.config.num_attention_heads
 
 
+def pagerank_importance(attn, hidden, position_embeddings, key_valid, tau: float = 0.1, iters: int = 5) -> torch.Tensor:
+    """AIM's token importance ``[B, P]`` (LaVi-Lab/AIM, ``get_importance`` in its ``modeling_qwen2.py``, commit
+    edc24e9): PageRank over the layer's whole attention matrix taken at temperature ``tau``, ``iters`` steps
+    from the uniform distribution, then the root mean square over heads. Cost: one full attention."""
+    b, p, _ = hidden.shape
+    rows = torch.arange(p, device=hidden.device).expand(b, p)
+    m = attention_probs(attn, hidden, position_embeddings, rows, key_valid, tau=tau)  # [B, H, P, P]
+    dist = torch.full((b, m.shape[1], 1, p), 1.0 / p, device=hidden.device)
+    for _ in range(iters):
+        dist = dist @ m
+    return dist.pow(2).mean(dim=1).pow(0.5).view(b, p)
+
+
 def rotary_keys(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
     """The keys ``attn`` stores in its KV cache for the (normed) input ``hidden``: ``[B, H_kv, P, head_dim]``,
     fp32, after k_norm (Qwen3) and RoPE."""
@@ -63,10 +76,12 @@ def attention_probs(
     query_rows: torch.Tensor,
     key_valid: torch.Tensor,
     causal: bool = True,
+    tau: float = 1.0,
 ) -> torch.Tensor:
     """Attention probabilities ``[B, H, Q, P]`` of the rows ``query_rows [B, Q]`` over all ``P`` keys.
 
-    ``hidden`` is the (already normed) input of ``attn``; ``key_valid [B, P]`` masks padding keys. Works for
+    ``hidden`` is the (already normed) input of ``attn``; ``key_valid [B, P]`` masks padding keys; ``tau`` divides
+    the logits before the softmax; a query row with no valid key (left padding) gets zeros. Works for
     Llama/Qwen2/Qwen2-VL/Qwen3 attention modules (q/k projections, optional q_norm/k_norm, GQA, RoPE);
     computed in fp32 whatever the model dtype, so scores compare equal to eager attention's within 1e-5.
     """
@@ -92,4 +107,6 @@ def attention_probs(
     if causal:
         allowed = allowed & (torch.arange(p, device=hidden.device)[None, None, None, :] <= rows[:, None, :, None])
     logits = logits.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    if tau != 1.0:  # a softmax temperature (AIM's PageRank reads softmax(logits / 0.1))
+        logits = logits / tau
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a padding query row sees no key: all zeros

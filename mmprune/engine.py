@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from .attention import attention_probs, rotary_keys
+from .attention import attention_probs, pagerank_importance, rotary_keys
 from .kernels import gather_tokens, scatter_tokens
 from .policies.base import Plan, Tokens, resolve_budget
 from .traces import StageTrace, Trace
@@ -72,7 +72,7 @@ def _cache_kw(fn) -> str:
 # Signals captured in the vision tower (adapter.vision_capture), per visual token.
 VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups", "tower_cls", "next_cls_attn", "next_keys")
 # Signals read at decoder layer K-1 (the score hook on its attention module).
-LLM_SIGNALS = ("attn", "text_attn", "llm_keys")
+LLM_SIGNALS = ("attn", "text_attn", "llm_keys", "pagerank")
 
 
 @dataclass
@@ -667,6 +667,8 @@ class Engine:
             if rows.shape[1]:
                 sig["text_attn"] = attention_probs(attn, hidden, pe, rows, valid).mean(1)  # [B, Q, P]
             sig["text_rows"] = rows
+        if "pagerank" in needs:
+            sig["pagerank"] = pagerank_importance(attn, hidden, pe, valid)  # [B, P], AIM's importance
         if "llm_keys" in needs:  # what the KV cache holds: post-RoPE keys, heads concatenated (DART's)
             sig["llm_keys"] = rotary_keys(attn, hidden, pe).permute(0, 2, 1, 3).flatten(2)  # [B, P, H_kv * hd]
         run.trace.signal_seconds += time.perf_counter() - t0
@@ -783,6 +785,8 @@ class Engine:
             q_rows = scores["text_rows"][i]
             ta = scores["text_attn"][i][q_rows >= 0]  # [Q, P]
             extra["text_attn"] = ta[:, rows]
+        if "pagerank" in sigs and scores.get("pagerank") is not None:
+            extra["pagerank"] = scores["pagerank"][i, rows]
         if "llm_keys" in sigs and scores.get("llm_keys") is not None:
             extra["llm_keys"] = scores["llm_keys"][i, rows]
             extra["question_keys"] = scores["llm_keys"][i, q_rows]

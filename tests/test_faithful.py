@@ -681,3 +681,63 @@ def test_sparsevlm_equals_official(budget, seed):
         groups = {int(vis[j]): sorted(before[(a == j)].tolist()) for j in range(len(vis)) if (a == j).sum() > 1}
         assert groups == {c: g for c, g in want_groups.items() if len(g) > 1}
     mmprune.unwrap(m)
+
+
+# ----------------------------------------------------------------------------- AIM inside the LLM
+def ref_aim_importance(attention_score, tau_imp=0.1, iters=5, d=0.0):
+    """Written from LaVi-Lab/AIM, commit edc24e9, ``other_packages/transformers/src/transformers/models/qwen2/
+    modeling_qwen2.py`` (``get_importance``): PageRank over masked attention logits ``[B, H, N, N]``."""
+    attn = attention_score.clone()
+    b, h, n, _ = attn.shape
+    m = torch.nn.functional.softmax(attn / tau_imp, dim=-1, dtype=torch.float32)
+    dist = torch.ones(b, h, 1, n) / n
+    for _ in range(iters):
+        dist = (dist @ m) * (1 - d) + d / n
+    return torch.mean(dist.pow(2), dim=1).pow(0.5).view(b, n)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_aim_prunes_by_official_pagerank_and_schedule(seed):
+    """The first in-LLM stage (after layer 4 of 8, rate 1 - 0.4375) keeps what the official scheduler keeps,
+    ranked by the official PageRank importance of layer 4 (eager) on the merged prompt."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    import mmprune
+    from mmprune.policies.multistage import aim_retain_rates
+    from mmprune.testing import make_inputs, tiny_model
+
+    m = tiny_model("llava", seed=seed, attn="eager", layers=8)
+    batch = make_inputs(m, [[1]], prompt_lens=[5], seed=seed)
+    mmprune.wrap(m, "aim", budget=0.5)
+    seen = {}
+    lm = m.model.language_model
+    h = lm.register_forward_pre_hook(lambda mod, a, kw: seen.update({k: v for k, v in kw.items() if v is not None}), with_kwargs=True)
+    with torch.no_grad():
+        m(**batch)
+    h.remove()
+    tr = mmprune.trace(m)
+    rates = aim_retain_rates(8)
+    assert [s.layer for s in tr.stages] == [None, 5, 6, 7] and rates[4:7] == [0.5625, 0.125, 0.0]
+    n_merged = tr.stages[0].n_after[0]
+    assert [s.n_after[0] for s in tr.stages[1:]] == [int(n_merged * r) for r in rates[4:7]]
+    hidden, pos = seen["inputs_embeds"], seen["position_ids"]
+    seq = hidden.shape[1]
+    causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        for layer in lm.layers[:4]:
+            hidden = layer(hidden, attention_mask=causal, position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos)
+        layer = lm.layers[4]
+        x = layer.input_layernorm(hidden)
+        attn = layer.self_attn
+        q = attn.q_proj(x).view(1, seq, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, seq, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *lm.rotary_emb(x, pos))
+        k = repeat_kv(k, q.shape[1] // k.shape[1])
+        score = ref_aim_importance(q @ k.transpose(2, 3) / math.sqrt(attn.head_dim) + causal)[0]
+    vis_rows = (m.__dict__["_mmprune"].adapter.visual_mask(batch["input_ids"])[0]).nonzero().flatten()
+    kept_cols = vis_rows[tr.stages[0].kept[0]]  # the merged tokens' original columns (= their position ids)
+    rows = torch.arange(seq)[torch.isin(pos[0], kept_cols)]  # their rows in the merged prompt
+    keep = int(n_merged * rates[4])
+    want = torch.sort(torch.sort(score[rows], descending=True).indices[:keep]).values
+    assert tr.stages[1].kept[0].tolist() == want.tolist()
+    mmprune.unwrap(m)

@@ -205,7 +205,8 @@ def test_multistage_expansions():
     from mmprune.config import PruneConfig
 
     aim = get_policy("aim").expand(PruneConfig("aim", 0.5), 8)
-    assert [(p.name, layer) for _, p, layer in aim] == [("aim/merge", None)] + [("aim/prune", i) for i in range(4, 8)]
+    # the official schedule scaled to 8 layers: after layers 4, 5, 6 keep 56%, 12.5%, 0% (drops at 5, 6, 7)
+    assert [(p.name, layer) for _, p, layer in aim] == [("aim/merge", None)] + [("aim/prune", i) for i in range(5, 8)]
     todre = get_policy("todre").expand(PruneConfig("todre", 0.5, layer=3), 8)
     assert [(p.name, layer) for _, p, layer in todre] == [("todre/diverse", None), ("todre/withdraw", 3)]
     pre = get_policy("prefusion").expand(PruneConfig("prefusion", 4, options={"compress": "fastv"}), 8)

@@ -229,7 +229,7 @@ def sub_tokens(tokens: Tokens, seg: int) -> Tokens:
         text=tokens.text, layer=tokens.layer, cls_attn=cut(tokens.cls_attn), keys=cut(tokens.keys),
         cls_sim=cut(tokens.cls_sim), tome_groups=cut(tokens.tome_groups), tower_cls=cut(tokens.tower_cls),
         next_cls_attn=cut(tokens.next_cls_attn), next_keys=cut(tokens.next_keys), question=tokens.question, text_attn=cut(tokens.text_attn, 1),
-        llm_keys=cut(tokens.llm_keys), question_keys=tokens.question_keys, normed=cut(tokens.normed),
+        llm_keys=cut(tokens.llm_keys), pagerank=cut(tokens.pagerank), question_keys=tokens.question_keys, normed=cut(tokens.normed),
         question_normed=tokens.question_normed, visual_embeds=tokens.visual_embeds,
         question_embeds=tokens.question_embeds, rows=cut(tokens.rows), question_rows=tokens.question_rows,
         pos=tokens.positions()[sl], sizes=tokens.token_sizes()[sl],

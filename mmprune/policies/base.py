@@ -47,6 +47,8 @@ class Tokens:
       visual token at layer K-1.
     - ``llm_keys [N, Dk]`` (``"llm_keys"``, in-LLM): the keys layer K-1 writes to its KV cache (post-RoPE,
       k_norm applied, KV heads concatenated); ``question_keys [Q, Dk]`` the same for the question tokens.
+    - ``pagerank [N]`` (``"pagerank"``, in-LLM): AIM's importance, PageRank over layer K-1's whole attention
+      matrix at temperature 0.1 (``mmprune.attention.pagerank_importance``).
     - ``visual_embeds [N0, D]`` / ``question_embeds [Q, D]`` (``"input_embeds"``): the language model's input
       embeddings of *all* the sample's original visual tokens and of its question tokens (SparseVLM's raters).
     - ``normed [N, D]`` / ``question_normed [Q, D]`` (``"final_norm"``, in-LLM): the stage's input hidden states
@@ -79,6 +81,7 @@ class Tokens:
     question: torch.Tensor | None = None
     text_attn: torch.Tensor | None = None
     llm_keys: torch.Tensor | None = None
+    pagerank: torch.Tensor | None = None
     question_keys: torch.Tensor | None = None
     normed: torch.Tensor | None = None
     visual_embeds: torch.Tensor | None = None

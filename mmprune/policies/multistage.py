@@ -9,13 +9,29 @@ from __future__ import annotations
 import torch
 
 from ..config import PruneConfig
-from ._ops import bipartite_merge, kcenter, segmentwise, topk_indices
-from .base import Plan, Policy, Tokens
+from ._ops import bipartite_merge, kcenter, segmentwise
+from .base import Plan, Policy, Tokens, resolve_budget
 from .inllm import _text_relevance
 
 
 def _stage_options(config, keys) -> dict:
     return {k: config.options[k] for k in keys if k in config.options}
+
+
+def aim_retain_rates(num_layers: int, start: int | None = None) -> list[float]:
+    """AIM's in-LLM schedule: the fraction of the merged visual tokens kept after each decoder layer.
+
+    The official scheduler (LaVi-Lab/AIM ``modeling_qwen2.py``, commit edc24e9, for 28 layers) is
+    ``max(0, 1 - (l - 14 + 1) * 0.125)`` from layer 14 on: 12.5% less after each layer, none after layer 21.
+    Other depths keep its shape: from ``start`` (default half the depth), a step of ``0.125 * 28 / L``.
+
+    Example:
+        >>> [round(r, 3) for r in aim_retain_rates(28)[13:23]]
+        [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0, 0.0]
+    """
+    start = num_layers // 2 if start is None else int(start)
+    step = 0.125 * 28 / num_layers
+    return [max(0.0, 1.0 - (i - start + 1) * step) if i >= start else 1.0 for i in range(num_layers)]
 
 
 class AIM(Policy):
@@ -25,43 +41,47 @@ class AIM(Policy):
     budget (per image) is met, as AIM's ``bipartite_soft_matching_merge`` (LaVi-Lab/AIM
     ``llava/model/token_merge.py``, commit edc24e9): the features are their own metric, and a merged token
     is the *unweighted* ``scatter_reduce(mean)`` of the current tokens (a token that already stands for
-    several counts once), so budget 0.25 reproduces AIM's two rounds ``r = N//2, N//4`` exactly
-    (``tests/test_faithful.py``). Stages ``aim/prune`` (one per
-    decoder layer from ``prune_start``, default half the depth, to the last layer): the visual tokens with
-    the least attention from the question tokens are dropped, with the kept fraction falling linearly
-    so that ``final`` (default 0.25) of the merged tokens remain after the last layer.
+    several counts once), so budget 0.25 reproduces AIM's two rounds ``r = N//2, N//4`` exactly.
 
-    Deviations: AIM ranks by a PageRank-style score over the text-to-visual attention; we use the mean
-    attention of the question tokens (one step of it). Budget = tokens per image after merging; the in-LLM
-    schedule is relative to that (non-adaptive).
+    Stages ``aim/prune``: after each decoder layer l from ``prune_start`` (default half the depth) on, the
+    visual tokens ranked by AIM's importance (PageRank over layer l's whole attention matrix at temperature
+    0.1, ``get_importance``) are cut to ``int(N * rate(l))`` of the N merged tokens, ``rate`` falling by
+    ``0.125 * 28 / L`` per layer (``aim_retain_rates``): on 28 layers 87.5% after layer 14, none after 21,
+    as the official scheduler. The drop follows layer l, so each stage runs at l + 1 on layer l's signal.
+    Proven equal to references written from both files (``tests/test_faithful.py``).
+
+    Deviation by construction: the official code *masks* pruned tokens out of later layers' keys while
+    still computing them, so they keep contributing query rows to later PageRank rounds; mmprune removes
+    them, so stages after the first in-LLM one rank on the surviving tokens alone.
 
     Example:
-        >>> [p.name for _, p, _ in AIM.expand(PruneConfig("aim", 0.5), 4)]
-        ['aim/merge', 'aim/prune', 'aim/prune']
+        >>> [(p.name, layer) for _, p, layer in AIM.expand(PruneConfig("aim", 0.5), 8)][:3]
+        [('aim/merge', None), ('aim/prune', 5), ('aim/prune', 6)]
     """
 
     name = "aim"
     stages = ("pre", "llm")
-    signals = ("text_attn",)
+    signals = ("pagerank",)
     paper = "AIM, ICCV'25"
-    summary = "iterative similarity merging before the LLM + progressive importance pruning inside"
+    summary = "iterative similarity merging before the LLM + progressive PageRank pruning inside"
 
     @classmethod
     def option_defaults(cls):
-        return {"prune_start": None, "final": 0.25}
+        return {"prune_start": None}
 
     @classmethod
     def expand(cls, config, num_layers):
         cls(**config.options)  # validate options
-        start = config.options.get("prune_start")
-        start = max(1, num_layers // 2) if start is None else int(start)
-        layers = list(range(start, num_layers))
+        rates = aim_retain_rates(num_layers, config.options.get("prune_start"))
         out = [(PruneConfig("aim", config.budget, None, {}), AimMerge(), None)]
-        final = float(config.options.get("final", 0.25))
-        for i, layer in enumerate(layers):
-            pol = AimPrune(final=final)
-            pol.stage_index, pol.num_stages = i, len(layers)
-            out.append((PruneConfig("aim", 1.0, layer, {}), pol, layer))
+        for layer, rate in enumerate(rates):
+            if rate >= 1.0 or layer + 1 >= num_layers:
+                continue
+            pol = AimPrune(rate=rate)
+            pol.merged_budget = config.budget
+            out.append((PruneConfig("aim", 1.0, layer + 1, {}), pol, layer + 1))
+            if rate <= 0.0:
+                break  # every visual token is gone
         return out
 
 
@@ -80,20 +100,20 @@ class AimMerge(Policy):
 class AimPrune(Policy):
     name = "aim/prune"
     stages = ("llm",)
-    signals = ("text_attn",)
-    stage_index, num_stages = 0, 1
+    signals = ("pagerank",)
+    merged_budget = 1.0
 
     @classmethod
     def option_defaults(cls):
-        return {"final": 0.25}
+        return {"rate": 1.0}
 
     def select(self, tokens: Tokens) -> Plan:
-        drop = 1.0 - float(self.options["final"])
-        i, s = self.stage_index, self.num_stages
-        ratio = (1.0 - drop * (i + 1) / s) / (1.0 - drop * i / s)
-        k = sum(max(1, int(round(n * ratio))) for n in tokens.segments if n)
-        score = _text_relevance(tokens)
-        return Plan(keep=topk_indices(score, min(k, tokens.n)), scores=score)
+        # N: the merged count entering the LLM (the merge stage meets its budget per image exactly)
+        merged = sum(resolve_budget(self.merged_budget, n0) for n0 in (tokens.origin or tokens.segments))
+        k = min(tokens.n, int(merged * float(self.options["rate"])))
+        score = tokens.pagerank.float().cpu() if tokens.pagerank is not None else _text_relevance(tokens)
+        order = torch.sort(score, dim=-1, descending=True).indices  # the official sort
+        return Plan(keep=order[:k].sort().values, scores=score)
 
 
 class ToDRE(Policy):
