@@ -70,7 +70,7 @@ def _cache_kw(fn) -> str:
 
 
 # Signals captured in the vision tower (adapter.vision_capture), per visual token.
-VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups", "tower_cls", "next_cls_attn", "next_keys")
+VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups", "tower_cls", "next_cls_attn", "next_keys", "tower_assign")
 # Signals read at decoder layer K-1 (the score hook on its attention module).
 LLM_SIGNALS = ("attn", "text_attn", "llm_keys", "pagerank")
 
@@ -476,7 +476,7 @@ class Engine:
             else:
                 run.trace.notes.append(note)
         for name in self.vision_signals:  # say which declared signals fell back (never silently)
-            if name not in ("tome_groups", "tower_cls") and any(len(v) and sg.get(name) is None for v, sg in zip(vis_pos, run.vsig)):
+            if name not in ("tome_groups", "tower_cls", "tower_assign") and any(len(v) and sg.get(name) is None for v, sg in zip(vis_pos, run.vsig)):
                 run.trace.notes.append(f"{name}: not available from the {self.adapter.family} tower for some "
                                        "items; the policy's documented fallback was used")
         self.run = run
@@ -711,10 +711,10 @@ class Engine:
                 seconds += time.perf_counter() - t0
                 keep = plan.keep.to(dev).long()
                 self._check_plan(stage, plan, n)
-                if plan.assign is not None:
+                if plan.assign is not None and not plan.premerged:
                     merged = merged if merged is not None else feats.clone()
                     merged[i, rows[keep]] = self._merge(tok.features, plan, len(keep))
-                    any_merge = True
+                any_merge = any_merge or plan.assign is not None
                 as_all.append(None if plan.assign is None else plan.assign.long().cpu())
                 self._track_groups(run, i, plan, keep.cpu())
                 sc_all.append(None if plan.scores is None else plan.scores.detach().float().cpu())

@@ -438,11 +438,12 @@ def test_dart_reads_the_cache_keys_and_the_final_norm(family):
 
 
 # ----------------------------------------------------------------------------- PruMerge+
-def ref_prumerge_plus(desired_layer_q, desired_layer_k, image_features):
+def ref_prumerge_plus(desired_layer_q, desired_layer_k, image_features, knn=32):
     """Written from 42Shawn/LLaVA-PruMerge, commit 097c04116a58465e4bcb58cec44a94018a68ff1a,
     ``llava/model/multimodal_encoder/clip_encoder.py`` (``token_prune_merge_advanced_plus`` with
     ``if_adaptive=True``, ``outlier_dectection``, ``complement_idx``); the literal 575 is ``N - 1``.
-    Returns ``idx`` (kept, in the official order) and the output features (kept, then the extra token)."""
+    Returns ``idx`` (kept, in the official order) and the output features (kept, then the extra token).
+    ``knn`` is the official literal 32 (a tiny tower of 16 patches has only 15 others)."""
     import numpy as np
 
     b, n, c = image_features.shape
@@ -476,7 +477,7 @@ def ref_prumerge_plus(desired_layer_q, desired_layer_k, image_features):
         rest_x = torch.cat([x_others[0, :i].unsqueeze(0), x_others[0, i + 1 :].unsqueeze(0), non_topk[0].unsqueeze(0)], dim=1)
         rest_attn = torch.cat([x_others_attn[0, :i].unsqueeze(0), x_others_attn[0, i + 1 :].unsqueeze(0), non_topk_attn[0].unsqueeze(0)], dim=1)
         rest_keys = torch.cat([key_others_norm[0, :i].unsqueeze(0), key_others_norm[0, i + 1 :].unsqueeze(0), non_topk_key_norm[0].unsqueeze(0)], dim=1)
-        _, cluster_indices = torch.topk(torch.bmm(key_i, rest_keys.transpose(1, 2)), k=32, dim=2, largest=True)
+        _, cluster_indices = torch.topk(torch.bmm(key_i, rest_keys.transpose(1, 2)), k=knn, dim=2, largest=True)
         weighted_avg = torch.sum(rest_x[:, cluster_indices.squeeze(), :] * rest_attn[:, cluster_indices.squeeze()].unsqueeze(-1), dim=1)
         updated[0, i, :] = x_others[0, i, :] + weighted_avg
     extra_one_token = torch.sum(non_topk * non_topk_attn.unsqueeze(-1), dim=1, keepdim=True)
@@ -536,7 +537,7 @@ def test_prumerge_plus_combine_reaches_features_and_deepstack(family, monkeypatc
 
     lm = m.model.language_model
     h = lm.register_forward_pre_hook(before, with_kwargs=True)
-    mmprune.wrap(m, "prumerge+", budget=1.0)
+    mmprune.wrap(m, "prumerge+", budget=1.0, where="projector")  # merging after the projector (see below)
     h2 = lm.register_forward_pre_hook(late, with_kwargs=True)
     with torch.no_grad():
         m(**batch)
@@ -740,4 +741,60 @@ def test_aim_prunes_by_official_pagerank_and_schedule(seed):
     keep = int(n_merged * rates[4])
     want = torch.sort(torch.sort(score[rows], descending=True).indices[:keep]).values
     assert tr.stages[1].kept[0].tolist() == want.tolist()
+    mmprune.unwrap(m)
+
+
+@pytest.mark.parametrize("policy", ["visionzip", "prumerge+"])
+@torch.no_grad()
+def test_llava_merges_tower_features_before_the_projector(policy):
+    """LLaVA-1.5 as the official code: select on the tower signals, merge the tower's selected features,
+    *then* project; the LLM's visual rows are exactly the projector of the official merged tower tokens."""
+    import mmprune
+    from mmprune.testing import make_inputs, tiny_model
+
+    m = tiny_model("llava", attn="eager", seed=2)  # seeds where every image has IQR outliers: the official
+    batch = make_inputs(m, [[1], [1, 1]], prompt_lens=[5, 2], seed=2)  # PruMerge+ divides by their ratio
+    tower = m.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    with torch.no_grad():
+        ref = tower(batch["pixel_values"], output_hidden_states=True, output_attentions=True)
+    hs = ref.hidden_states[-2]  # [T, 17, 32]: [CLS] + 16 patches, the feature layer
+    after = {}
+    lm = m.model.language_model
+    mmprune.wrap(m, policy, budget=0.5 if policy == "visionzip" else 1.0)  # PruMerge+: no cap, its own count
+
+    def late(module, args, kwargs):
+        after["embeds"] = kwargs["inputs_embeds"].clone()
+        after["orig"] = m.__dict__["_mmprune"].run.orig.clone()
+
+    h2 = lm.register_forward_pre_hook(late, with_kwargs=True)
+    m(**batch)
+    h2.remove()
+    tr = mmprune.trace(m)
+    assert tr.stages[0].merged and not [n for n in tr.notes if "projector" in n]
+    proj = m.model.multi_modal_projector
+    visual = m.__dict__["_mmprune"].adapter.visual_mask(batch["input_ids"])
+    wants = []
+    for t in range(hs.shape[0]):
+        if policy == "visionzip":  # dominant 7 (one is [CLS]), contextual 1: budget 8 of 16
+            layer = layers[-2].self_attn  # VisionZip's metric: the feature layer's keys, head-averaged
+            x = layers[-2].layer_norm1(ref.hidden_states[-3][t : t + 1])
+            metric = layer.k_proj(x).view(1, 17, layer.num_heads, -1).mean(2)
+            all_idx, targets, _, _, saved = ref_visionzip(ref.attentions[-2][t : t + 1], hs[t : t + 1], metric, 7, 1)
+            kept = sorted((all_idx[1:] - 1).tolist()) + (targets - 1).tolist()
+            feats = saved[1:]  # the official output less [CLS]
+        else:
+            block = layers[-1].self_attn  # PruMerge+'s layer 23: the block after the feature layer
+            x = layers[-1].layer_norm1(hs[t : t + 1])
+            idx, compl, feats = ref_prumerge_plus(block.q_proj(x), block.k_proj(x), hs[t : t + 1, 1:], knn=15)
+            kept = idx.tolist() + compl[-1:].tolist()
+            feats = feats[: len(kept)]
+        order = torch.argsort(torch.tensor(kept))
+        wants.append(proj(feats[order])[0] if feats.dim() == 3 else proj(feats[order]))
+    it = iter(wants)
+    for b in range(2):
+        orig = after["orig"][b]
+        rows = (orig >= 0) & visual[b][orig.clamp(min=0)]
+        want = torch.cat([next(it) for _ in range(1 if b == 0 else 2)])
+        torch.testing.assert_close(after["embeds"][b][rows], want, atol=1e-5, rtol=1e-4)
     mmprune.unwrap(m)

@@ -68,6 +68,50 @@ class ClipTowerCapture(VisionCapture):
         if {"next_cls_attn", "next_keys"} & set(self.names) and self.has_cls and j < n:
             nxt = self.layers[j].self_attn
             self.handles.append(nxt.register_forward_pre_hook(self._guard(self._tap_next), with_kwargs=True))
+        self.tower_assign: list = []
+        if getattr(self.adapter, "_tower_merge", None) is not None and "tower_assign" in self.names:
+            proj = self.adapter.inner().multi_modal_projector
+            self.handles.append(proj.register_forward_pre_hook(self._merge_before_projector, with_kwargs=True))
+
+    def _merge_before_projector(self, module, args, kwargs):
+        """VisionZip / PruMerge+ as their official code: select on the tower signals and merge the *tower*
+        features (the projector's input), one tile per image (LLaVA-1.5, default strategy). The pre-LLM stage
+        then keeps the merged rows as they are (``Tokens.tower_assign``). On any failure nothing is merged
+        here and the stage merges after the projector (said in the trace)."""
+        from ..engine import Engine
+        from ..policies.base import Tokens
+
+        engine, policy = self.adapter._tower_merge
+        x = args[0] if args else kwargs["image_features"]
+        try:
+            att, keys = self.rows[0]
+            t, s, _ = x.shape
+            if len(self.rows) != 1 or att.shape != (t, s + 1) or _strategy(self.adapter, {}) != "default":
+                raise ValueError("not one [CLS] + patch grid per image")
+            nxt = self.next_rows[0] if len(self.next_rows) == 1 and self.next_rows[0][0].shape == att.shape else None
+            budget = next(st.config.budget for st in engine.pre_stages if st.policy is policy)
+            side, out = math.isqrt(s), x.clone()
+            for i in range(t):
+                extra = {} if nxt is None else {"next_cls_attn": nxt[0][i, 1:], "next_keys": nxt[1][i, 1:]}
+                tok = Tokens(x[i], [s], [resolve_budget(budget, s)], grids=[(1, side, side)], cls_attn=att[i, 1:],
+                             keys=keys[i, 1:], tower_cls=torch.ones(s, device=x.device), **extra)
+                plan = policy.select(tok)
+                keep = plan.keep.to(x.device).long()
+                out[i, keep] = Engine._merge(x[i], plan, len(keep))
+                rep = torch.full((s,), -1, dtype=torch.long)
+                rep[keep.cpu()] = keep.cpu()
+                if plan.assign is not None:
+                    a = plan.assign.long().cpu()
+                    rep[a >= 0] = keep.cpu()[a[a >= 0]]
+                self.tower_assign.append(rep)
+        except Exception as e:
+            self.tower_assign = []
+            self.error = self.error or f"merging before the projector failed ({type(e).__name__}: {e})"
+            return None
+        if args:
+            return (out, *args[1:]), kwargs
+        kwargs["image_features"] = out
+        return args, kwargs
 
     def _tap_next(self, module, args, kwargs):
         """PruMerge's reading (42Shawn/LLaVA-PruMerge ``clip_encoder.py``, commit 097c041: hooks on layer 23's
@@ -129,6 +173,9 @@ class ClipTowerCapture(VisionCapture):
         if self.has_cls:  # VisionZip reserves a dominant slot for [CLS] where the tower has one
             for item in out:
                 item["tower_cls"] = torch.ones_like(item["cls_attn"])
+        if len(self.tower_assign) == len(out):
+            for item, rep in zip(out, self.tower_assign):
+                item["tower_assign"] = rep.to(item["cls_attn"].device).float()
         tome = getattr(self.adapter, "_tome", None)
         if tome is not None and tome.groups is not None and "tome_groups" in self.names:
             groups = tome.groups
@@ -272,6 +319,14 @@ class LlavaAdapter(Adapter):
     def layout_signals(self, modality, sig, args, kwargs):
         """Per-tile signal rows -> one ``[N_i, C]`` tensor per image (LLaVA-1.5: one tile per image)."""
         return list(sig)
+
+    def install_tower_merge(self, engine, policy) -> bool:
+        """Merge before the projector, as VisionZip's and PruMerge+'s official code (LLaVA-1.5 only, as the
+        first pre-LLM stage); False elsewhere (the policy merges projected features)."""
+        if type(self) is not LlavaAdapter or not engine.pre_stages or engine.pre_stages[0].policy is not policy:
+            return False
+        self._tower_merge = (engine, policy)
+        return True
 
     def install_encoder_merge(self, engine, policy) -> bool:
         """ToMe between CLIP blocks (LLaVA-1.5 only); False where unsupported (tome merges after the projector)."""

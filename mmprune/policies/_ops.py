@@ -227,7 +227,7 @@ def sub_tokens(tokens: Tokens, seg: int) -> Tokens:
         features=tokens.features[sl], segments=[sl.stop - sl.start], budgets=[tokens.budgets[seg]],
         grids=[tokens.grids[seg] if seg < len(tokens.grids) else None], attn=cut(tokens.attn),
         text=tokens.text, layer=tokens.layer, cls_attn=cut(tokens.cls_attn), keys=cut(tokens.keys),
-        cls_sim=cut(tokens.cls_sim), tome_groups=cut(tokens.tome_groups), tower_cls=cut(tokens.tower_cls),
+        cls_sim=cut(tokens.cls_sim), tome_groups=cut(tokens.tome_groups), tower_cls=cut(tokens.tower_cls), tower_assign=cut(tokens.tower_assign),
         next_cls_attn=cut(tokens.next_cls_attn), next_keys=cut(tokens.next_keys), question=tokens.question, text_attn=cut(tokens.text_attn, 1),
         llm_keys=cut(tokens.llm_keys), pagerank=cut(tokens.pagerank), question_keys=tokens.question_keys, normed=cut(tokens.normed),
         question_normed=tokens.question_normed, visual_embeds=tokens.visual_embeds,
@@ -237,10 +237,25 @@ def sub_tokens(tokens: Tokens, seg: int) -> Tokens:
     )
 
 
+def premerged_plan(t: Tokens) -> Plan | None:
+    """The plan of a merge already applied before the projector (``Tokens.tower_assign``), or None."""
+    if t.tower_assign is None:
+        return None
+    rep = t.tower_assign.long().cpu()
+    pos = t.positions()
+    keep = (rep == pos).nonzero().flatten()
+    where = torch.full((int(max(pos.max(), rep.max())) + 2,), -1, dtype=torch.long)
+    where[pos[keep]] = torch.arange(len(keep))
+    assign = torch.where(rep >= 0, where[rep.clamp(min=0)], -1)
+    if bool(((rep >= 0) & (assign < 0)).any()):  # a representative was dropped by an earlier stage
+        return None
+    return Plan(keep=keep, assign=assign, premerged=True)
+
+
 def segmentwise(tokens: Tokens, fn) -> Plan:
     """Run ``fn(one_segment_tokens) -> Plan`` per segment and stitch the plans into one (global indices)."""
     keeps, assigns, weights, scores, blocks = [], [], [], [], []
-    reduce = "mean"
+    reduce, premerged = "mean", False
     any_assign = any_weight = any_score = False
     offset = 0
     for i, sl in enumerate(tokens.segment_slices()):
@@ -248,7 +263,7 @@ def segmentwise(tokens: Tokens, fn) -> Plan:
         if n == 0:
             continue
         plan = fn(sub_tokens(tokens, i))
-        reduce = plan.reduce
+        reduce, premerged = plan.reduce, plan.premerged
         keep = plan.keep.long().cpu()
         base = sum(len(k) for k in keeps)
         keeps.append(keep + sl.start)
@@ -270,7 +285,7 @@ def segmentwise(tokens: Tokens, fn) -> Plan:
         return Plan(keep=torch.zeros(0, dtype=torch.long))
     keep = torch.cat(keeps)
     order = torch.argsort(keep)
-    plan = Plan(keep=keep[order], reduce=reduce)
+    plan = Plan(keep=keep[order], reduce=reduce, premerged=premerged)
     if any_assign:
         remap = torch.empty_like(order)
         remap[order] = torch.arange(len(order))

@@ -39,6 +39,9 @@ class Tokens:
     - ``next_cls_attn [N]`` / ``next_keys [N, D]`` (``"next_cls_attn"``, ``"next_keys"``): PruMerge's reading,
       the [CLS] attention and the keys of the tower block *after* the feature layer, q and k taken as one
       full-width head (LLaVA's CLIP towers; None elsewhere).
+    - ``tower_assign [N]`` (``"tower_assign"``): where a policy already merged before the projector (VisionZip,
+      PruMerge+ on LLaVA-1.5, as their official code), each token's representative (its in-image index; -1
+      dropped); ``premerged_plan`` turns it into the stage's plan.
     - ``tower_cls [N]`` (``"tower_cls"``): 1 where the token's vision tower has a [CLS] token (CLIP), so
       ``cls_attn`` is [CLS]'s own attention row; None for towers without one (SigLIP, Qwen).
     - ``question [Q, D]`` (``"question"``): features of the text tokens after the sample's last visual token
@@ -76,6 +79,7 @@ class Tokens:
     cls_sim: torch.Tensor | None = None
     tome_groups: torch.Tensor | None = None
     tower_cls: torch.Tensor | None = None
+    tower_assign: torch.Tensor | None = None
     next_cls_attn: torch.Tensor | None = None
     next_keys: torch.Tensor | None = None
     question: torch.Tensor | None = None
@@ -128,7 +132,8 @@ class Plan:
     weight 1 for the target and ``1 / count`` for the others). ``combine [K, N]`` is a general linear merge
     for methods whose groups overlap (PruMerge+ adds each kept token's 32 nearest neighbours, kept or not):
     kept token j's feature is ``sum_n combine[j, n] * feature[n]``; ``assign`` still maps each token to
-    its main group (token sizes, the trace).
+    its main group (token sizes, the trace). ``premerged=True``: the kept tokens' features were merged
+    upstream already (in the vision tower, before the projector); the engine keeps them as they are.
     """
 
     keep: torch.Tensor
@@ -137,6 +142,7 @@ class Plan:
     scores: torch.Tensor | None = None
     reduce: str = "mean"
     combine: torch.Tensor | None = None
+    premerged: bool = False
 
 
 class Policy:

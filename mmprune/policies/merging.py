@@ -13,9 +13,21 @@ from ._ops import (
     bipartite_merge,
     evenly_spaced,
     grid_coords,
+    premerged_plan,
     segmentwise,
 )
 from .base import Plan, Policy, Tokens
+
+
+def _install_tower_merge(policy: Policy, engine) -> None:
+    """``where="auto"``: merge the tower's features before the projector where the adapter can (LLaVA-1.5),
+    as VisionZip's and PruMerge+'s official code; ``"projector"``: always after it."""
+    where = policy.options["where"]
+    if where not in ("auto", "projector"):
+        raise ValueError(f"{policy.name} option where must be 'auto' or 'projector'; got {where!r}")
+    merge = getattr(engine.adapter, "install_tower_merge", None)
+    if where == "auto" and merge is not None:
+        merge(engine, policy)
 
 
 class ToMe(Policy):
@@ -117,10 +129,11 @@ class VisionZip(Policy):
     stays empty: a budget of 64 gives the LLM the official 63 patch tokens. ``cls_slot="patch"`` spends the
     slot on one more dominant patch instead (the budget exactly, not the paper's set). Towers without [CLS]
     (SigLIP, the Qwen towers: mean attention received stands in) have no slot to reserve: all dominant slots
-    go to patches. The official code merges CLIP hidden states and then projects; here the merge runs on
-    the projected features (equal for a linear projector; LLaVA's 2-layer MLP makes the two differ).
-    Kept tokens keep their original positions and order (the official code appends the contextual tokens
-    after the dominant ones and renumbers positions).
+    go to patches. The official code merges CLIP hidden states and then projects: so does ``where="auto"``
+    on LLaVA-1.5 (the selection and merge run on the projector's input, one tile per image); LLaVA-NeXT /
+    OneVision tiles and the Qwen towers merge the projected features instead (``where="projector"`` forces
+    that everywhere). Kept tokens keep their original positions and order (the official code appends the
+    contextual tokens after the dominant ones and renumbers positions).
 
     Example:
         >>> t = Tokens(torch.eye(6), [6], [3], cls_attn=torch.tensor([.1, .5, .1, .1, .1, .1]))
@@ -130,13 +143,16 @@ class VisionZip(Policy):
 
     name = "visionzip"
     stages = ("pre",)
-    signals = ("cls_attn", "keys", "tower_cls")
+    signals = ("cls_attn", "keys", "tower_cls", "tower_assign")
     paper = "VisionZip, CVPR'25"
     summary = "dominant tokens by [CLS] attention + contextual tokens merged by key similarity"
 
     @classmethod
     def option_defaults(cls):
-        return {"dominant_ratio": 54 / 64, "cls_slot": "paper"}
+        return {"dominant_ratio": 54 / 64, "cls_slot": "paper", "where": "auto"}
+
+    def install_encoder(self, engine) -> None:
+        _install_tower_merge(self, engine)
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -150,6 +166,9 @@ class VisionZip(Policy):
         ratio = float(self.options["dominant_ratio"])
 
         def one(t: Tokens) -> Plan:
+            done = premerged_plan(t)
+            if done is not None:  # selected and merged before the projector, as the official code
+                return done
             n, k = t.n, t.budgets[0]
             score = (t.cls_attn if t.cls_attn is not None else attention_received(t.features)).float().cpu()
             dominant = min(k, int(round(k * ratio)))
@@ -202,9 +221,10 @@ class PruMergePlus(Policy):
     ratio given to it); the budget caps it: past ``budget - 1`` the last samples are left out, so the
     extra token still fits. Proven equal to a reference written from that file (``tests/test_faithful.py``).
 
-    What differs by construction: the official code merges CLIP hidden states and then projects; here the
-    merge runs on the projected features (the engine's pre-LLM stage), and kept tokens keep their original
-    positions and order (the official order is by score, then samples, then the extra token). Fallbacks:
+    Where: as the official code, ``where="auto"`` selects and merges the CLIP tower's features before the
+    projector on LLaVA-1.5; other families merge the projected features (``where="projector"`` forces
+    that). Kept tokens keep their original positions and order (the official order is by score, then
+    samples, then the extra token). Fallbacks:
     towers without [CLS] or without a block after the feature layer use ``cls_attn`` / ``keys`` (mean
     attention received, head-averaged keys), said in the trace; no outlier at all keeps the top ``1/8``.
 
@@ -220,18 +240,24 @@ class PruMergePlus(Policy):
 
     name = "prumerge+"
     stages = ("pre",)
-    signals = ("cls_attn", "keys", "next_cls_attn", "next_keys", "grid")
+    signals = ("cls_attn", "keys", "next_cls_attn", "next_keys", "tower_assign", "grid")
     paper = "LLaVA-PruMerge(+), 2024"
     summary = "IQR outliers of [CLS] attention + spatial samples, kNN merge"
 
     @classmethod
     def option_defaults(cls):
-        return {"adaptive": True}
+        return {"adaptive": True, "where": "auto"}
+
+    def install_encoder(self, engine) -> None:
+        _install_tower_merge(self, engine)
 
     def select(self, tokens: Tokens) -> Plan:
         return segmentwise(tokens, self._one)
 
     def _one(self, t: Tokens) -> Plan:
+        done = premerged_plan(t)
+        if done is not None:  # selected and merged before the projector, as the official code
+            return done
         n, k = t.n, t.budgets[0]
         score = t.next_cls_attn if t.next_cls_attn is not None else t.cls_attn
         score = (score if score is not None else attention_received(t.features)).float().cpu()
