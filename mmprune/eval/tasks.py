@@ -23,7 +23,7 @@ Example:
     >>> get_task("nope")
     Traceback (most recent call last):
     ...
-    mmprune.eval.tasks.TaskError: unknown task 'nope'; choose one of: gqa, mlvu, mmbench, mme, mvbench, pope, scienceqa_img, seedbench, textvqa, videomme
+    mmprune.eval.tasks.TaskError: unknown task 'nope'; choose one of: gqa, mlvu, mmbench, mme, ..., videomme
 """
 
 from __future__ import annotations
@@ -1131,11 +1131,11 @@ def register_task(
     """Add a task to the registry: a task object (or class), or a lazy factory with its listing fields.
 
     Example:
-        >>> spec = register_task(name="shapes", factory="mmprune.testbed.tasks:ShapesTask",
+        >>> spec = register_task(name="my_shapes", factory="mmprune.testbed.tasks:ShapesTask",
         ...                      modality="image", metric="accuracy", layout="generated", needs_data=False)
-        >>> "shapes" in TASKS
+        >>> "my_shapes" in TASKS
         True
-        >>> _ = TASKS.pop("shapes")
+        >>> _ = TASKS.pop("my_shapes")
     """
     if task is not None:
         obj = task

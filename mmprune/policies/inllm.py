@@ -310,7 +310,9 @@ class ATP(Staged):
     among the remaining tokens (the paper's spatial augmentation). Tokens above the threshold are taken
     in score order.
 
-    Deviations: ATP-LLaVA learns its thresholds and spatial term (trained towards a target average ratio);
+    The authors released no code we could find (public code searched 2026-12): this follows the text, no
+    differential test is possible. Deviations: ATP-LLaVA learns its thresholds and spatial term (trained
+    towards a target average ratio);
     here both are fixed rules, so the average is only met for symmetric importance: long-tailed importance,
     as in trained models, keeps fewer (9 of a 49-token target on the built-in test-bed LLaVA).
 

@@ -136,9 +136,9 @@ class VisionZip(Policy):
     contextual tokens after the dominant ones and renumbers positions).
 
     Example:
-        >>> t = Tokens(torch.eye(6), [6], [3], cls_attn=torch.tensor([.1, .5, .1, .1, .1, .1]))
+        >>> t = Tokens(torch.eye(6), [6], [3], cls_attn=torch.tensor([.2, .5, .1, .1, .1, .1]))
         >>> VisionZip(dominant_ratio=0.67, cls_slot="patch").select(t).keep.tolist()
-        [0, 1, 3]
+        [0, 1, 2]
     """
 
     name = "visionzip"
@@ -430,7 +430,9 @@ class Temporal(Policy):
     patches of ``h*w/4`` tokens, LLaVA-OneVision frames of 2x2-pooled tokens plus a trailing newline token
     (never merged).
 
-    Images (one frame) and items without a grid fall back to step (3) alone. Deviations: FastVID's
+    Images (one frame) and items without a grid fall back to step (3) alone. This is a composite of the
+    family's ideas, not any one paper's code: no differential test against an official implementation.
+    Deviations: FastVID's
     density-based spatio-temporal merging inside segments is replaced by same-position temporal merging
     plus bipartite spatial merging; no in-LLM pruning stage.
 

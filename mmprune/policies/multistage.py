@@ -126,7 +126,9 @@ class ToDRE(Policy):
     tokens are withdrawn, else those with below-average relevance are. Adaptive in the second stage;
     the budget is the first stage's (exact) count.
 
-    Deviations: the paper's v2 uses greedy max-sum diversification in stage 1; the withdrawal rule
+    The authors released no code we could find (public code searched 2026-12): this follows the text, no
+    differential test is possible. Deviations: the paper's v2 uses greedy max-sum diversification in
+    stage 1; the withdrawal rule
     (mass threshold, then above-average relevance) is our reading of its "information migration" step.
 
     Example:
