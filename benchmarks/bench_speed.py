@@ -51,6 +51,13 @@ def _f(x, spec):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _oracle(v: dict) -> str:
+    ms = v.get("oracle_ms")
+    if ms is None or (isinstance(ms, float) and math.isnan(ms)):
+        return "-"
+    return f"{ms:.1f} ({_f(v['oracle_efficiency'], '.2f')})"
+
+
 def table(results: list[dict]) -> str:
     lines = []
     for res in results:
@@ -63,8 +70,9 @@ def table(results: list[dict]) -> str:
                      f"{full['prefill_tflops'] * 1e3:.2f} GFLOPs")
         lines.append("")
         lines.append("| policy | budget | stage | visual tok | prefill ms | speedup | ideal | efficiency | "
-                     "LLM speedup / ideal (eff.) | CPU-time eff. | scoring ovh | select ovh | decode tok/s | peak MB (+delta) | vs eager-fastv |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                     "LLM speedup / ideal (eff.) | CPU-time eff. | oracle ms (eff.) | scoring ovh | select ovh | decode tok/s | "
+                     "peak MB (+delta) | vs eager-fastv |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         eager = {v["budget"]: v for v in res["variants"].values() if v["baseline"] == "eager-fastv"}
         for v in res["variants"].values():
             stage = "pre-LLM" if v["layer"] is None else f"layer {v['layer']}"
@@ -77,6 +85,7 @@ def table(results: list[dict]) -> str:
                 f"{v['speedup']:.2f}x | {v['ideal_speedup']:.2f}x | {_f(v['efficiency'], '.2f')} | "
                 f"{v['llm_speedup']:.2f}x / {v['llm_ideal_speedup']:.2f}x ({_f(v['llm_efficiency'], '.2f')}) | "
                 f"{_f(v['efficiency_cpu_time'], '.2f') if s['device'] == 'cpu' else '-'} | "
+                f"{_oracle(v)} | "
                 f"{100 * v['scoring_overhead']:.2f}% | {100 * v['selection_overhead']:.2f}% | "
                 f"{_f(v['decode_tokens_per_s'], '.1f')} | {_f(v['peak_mem_mb'], '.0f')} "
                 f"(+{_f(v['peak_mem_delta_mb'], '.0f')}) | {vs} |")
@@ -85,7 +94,8 @@ def table(results: list[dict]) -> str:
                  "FLOPs (vision tower + projector + decoder + 1 row of logits); efficiency = speedup / ideal; "
                  "LLM columns: the same for the language model alone (its input to its output, mmprune's hooks "
                  "included, vs decoder + lm_head FLOPs); CPU-time eff. = the same ratio from process CPU time "
-                 "(load-robust at 1 thread); "
+                 "(load-robust at 1 thread); oracle = the unwrapped model cut to the row's per-layer token counts "
+                 "(mmprune.bench.oracle), eff. = oracle / pruned prefill time (1.0: mmprune's own path is free); "
                  "scoring ovh = time in the attention-signal hook / unpruned prefill; select ovh = time in "
                  "policy.select / unpruned prefill. Peak memory: sampled RSS on CPU (see mmprune.efficiency).")
     return "\n".join(lines)
@@ -131,6 +141,8 @@ def main() -> None:
     ap.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
     ap.add_argument("--layer", type=int, default=None, help="fastv layer (default: the policy's, 2)")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager-fastv reference rows")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also time each policy row's oracle (the unwrapped model cut to its per-layer token counts)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeats", type=int, default=7)
@@ -181,7 +193,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = run_bench(arch, variants=vs, shrink=args.shrink, batch_size=args.batch_size,
                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, device=args.device,
-                    dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
+                    dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, oracle=args.oracle,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
     res["setup"]["load_before"] = load0
     res["setup"]["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -229,3 +229,17 @@ def test_qwen_video_run(capsys):
     res = json.loads(out)
     assert res["setup"]["inputs"]["grid"] == [2, 24, 24]
     assert res["pruned"]["visual_tokens"] * 2 == res["full"]["visual_tokens"] == 2 * 144
+
+
+@pytest.mark.parametrize("arch, policy", [("llava-1.5-7b", "fastv"), ("qwen3-vl-8b", "uniform")])
+def test_oracle_is_timed_and_carried_in_json(arch, policy, capsys):
+    rc, out, err = _cli(["bench", "--arch", arch, "--shrink", "32", "--policy", policy, "--budget", "0.25",
+                         "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--prompt-tokens", "8",
+                         "--no-memory", "--threads", "1", "--oracle", "--json"], capsys)
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["oracle_ms"] > 0 and res["pruned"]["oracle_ms"] == res["oracle_ms"]
+    assert res["oracle_efficiency"] == pytest.approx(res["oracle_ms"] / res["pruned"]["prefill_ms"])
+    plain = json.loads(_cli(["bench", "--arch", arch, "--shrink", "32", "--repeats", "1", "--warmup", "0",
+                             "--new-tokens", "2", "--prompt-tokens", "8", "--no-memory", "--json"], capsys)[1])
+    assert "oracle_ms" not in plain and plain["pruned"]["oracle_ms"] is None  # not timed unless asked

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice); 1 gives stable ratios on a shared machine")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--oracle", action="store_true",
+                   help="also time the unwrapped model cut to the pruned run's per-layer token counts "
+                        "(oracle_efficiency = oracle / pruned prefill time)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -119,7 +122,7 @@ def bench(args) -> dict:
         args.arch, variants=variants, shrink=args.shrink, batch_size=args.batch_size, image_size=args.image_size,
         frames=args.frames or 0, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
         device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
-        memory=not getattr(args, "no_memory", False),
+        memory=not getattr(args, "no_memory", False), oracle=bool(getattr(args, "oracle", False)),
         log=None if args.json else (lambda m: print(m, file=sys.stderr)),
     )
     p = res["variants"][pruned.name]
@@ -129,6 +132,8 @@ def bench(args) -> dict:
         "speedup": p["speedup"], "ideal_speedup": p["ideal_speedup"], "efficiency": p["efficiency"],
         "scoring_overhead": p["scoring_overhead"], "selection_overhead": p["selection_overhead"],
     }
+    if getattr(args, "oracle", False):
+        out["oracle_ms"], out["oracle_efficiency"] = p["oracle_ms"], p["oracle_efficiency"]
     if base is not None:
         b = res["variants"][base.name]
         out["eager_fastv"] = b
@@ -163,6 +168,9 @@ def render(out: dict) -> str:
     lines.append(f"speedup {_fmt(out['speedup'])}x  ideal {_fmt(out['ideal_speedup'])}x  "
                  f"efficiency {_fmt(out['efficiency'])}  scoring overhead {_fmt(100 * out['scoring_overhead'], '.2f')}% "
                  f"(+ selection {_fmt(100 * out['selection_overhead'], '.2f')}%)")
+    if "oracle_efficiency" in out:
+        lines.append(f"oracle (unwrapped model at the same per-layer token counts) {_fmt(out['oracle_ms'], '.1f')} ms: "
+                     f"oracle_efficiency {_fmt(out['oracle_efficiency'])}")
     if "speedup_vs_eager_fastv" in out:
         lines.append(f"vs eager-fastv at the same budget: {_fmt(out['speedup_vs_eager_fastv'])}x faster prefill")
     return "\n".join(lines)

@@ -25,7 +25,9 @@ the same calls) and ``speedup_min`` (ratio of the fastest rounds) are recorded n
 load-robust cross-checks; with ``torch.set_num_threads(1)`` CPU time is the compute actually spent.
 
 Ratios: ``speedup`` = full / pruned prefill time, ``ideal_speedup`` = full / pruned prefill FLOPs,
-``efficiency`` = speedup / ideal_speedup. The same three for the language model alone (``llm_*``: time
+``efficiency`` = speedup / ideal_speedup; with ``oracle=True``, ``oracle_efficiency`` = oracle / pruned
+prefill time, the oracle being the unwrapped model cut to the pruned run's per-layer token counts (the
+floor for any engine, ``mmprune.bench.oracle``). The same three for the language model alone (``llm_*``: time
 from the LM's input to its output, mmprune's hooks included, against decoder + lm_head FLOPs) separate
 what pruning does inside the LLM from the fixed vision tower / projector / embedding cost around it.
 
@@ -227,16 +229,19 @@ def _ratio(a, b):
 def run_bench(arch: str, *, variants: list[Variant], shrink: int = 1, batch_size: int = 1,
               image_size: int | None = None, frames: int = 0, prompt_tokens: int = 64, new_tokens: int = 16,
               device: str = "cpu", dtype: str | None = None, repeats: int = 5, warmup: int = 1,
-              memory: bool = True, seed: int = 0, log=None) -> dict:
+              memory: bool = True, seed: int = 0, oracle: bool = False, log=None) -> dict:
     """Time the unpruned model and every variant on identical inputs, alternating; see the module docstring.
 
     Returns ``{"setup": ..., "full": {...}, "variants": {name: {...}}}``; every variant carries its
-    ratios against the unpruned model measured in the same rounds.
+    ratios against the unpruned model measured in the same rounds. ``oracle=True`` also times, in the
+    same rounds, the unwrapped model cut to each policy variant's per-layer token counts
+    (``mmprune.bench.oracle``): ``oracle_ms`` and ``oracle_efficiency = oracle_ms / prefill_ms``.
     """
     import mmprune
 
     from .archs import build_model
     from .inputs import make_bench_inputs
+    from .oracle import OracleCut
 
     if repeats < 1:
         raise ValueError(f"repeats must be an int >= 1; got {repeats}")
@@ -253,9 +258,16 @@ def run_bench(arch: str, *, variants: list[Variant], shrink: int = 1, batch_size
         f"{meta['visual_tokens']} visual per sample")
     n_layers = model.config.get_text_config().num_hidden_layers
     allv = [Variant(None)] + [v for v in variants if v.name != "full"]
+    counts = {}  # policy variant -> its per-layer token counts, for the oracle
     for v in allv:  # fail fast on bad input, before any timing
         timers = _install(model, v, device)
-        _uninstall(model, v, timers)
+        try:
+            if oracle and v.policy is not None and v.baseline is None:
+                with torch.inference_mode():
+                    model(**batch, use_cache=True, logits_to_keep=1)
+                counts[v.name] = [list(c) for c in mmprune.trace(model).layer_tokens]
+        finally:
+            _uninstall(model, v, timers)
 
     suppress = _placeholder_ids(model.config)
     gen_kw = dict(do_sample=False, suppress_tokens=suppress, pad_token_id=suppress[0] if suppress else 0)
@@ -267,12 +279,24 @@ def run_bench(arch: str, *, variants: list[Variant], shrink: int = 1, batch_size
         return model.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen_kw)
 
     rec = {v.name: {"prefill": [], "cpu": [], "gen1": [], "genN": [], "signal": [], "select": [], "llm": [],
-                    "trace": None} for v in allv}
+                    "trace": None, "oracle": []} for v in allv}
     lm_timer = None
+    seq_len = batch["input_ids"].shape[1]
+    order = allv + [f"oracle:{name}" for name in counts]
     with torch.inference_mode():
         for r in range(warmup + repeats):
-            k = r % len(allv)
-            for v in allv[k:] + allv[:k]:
+            k = r % len(order)
+            for v in order[k:] + order[:k]:
+                if isinstance(v, str):  # the oracle of a variant, in the same round-robin
+                    name = v.split(":", 1)[1]
+                    cut = OracleCut(model, counts[name], seq_len)
+                    try:
+                        _, ms = time_once(prefill, device)
+                    finally:
+                        cut.remove()
+                    if r >= warmup:
+                        rec[name]["oracle"].append(ms)
+                    continue
                 timers = _install(model, v, device)
                 # installed after the wrap so that its hooks bracket mmprune's own hooks on the LM
                 lm_timer = _RegionTimer(model.model.language_model, device)
@@ -307,7 +331,8 @@ def run_bench(arch: str, *, variants: list[Variant], shrink: int = 1, batch_size
                     d["llm"].append(llm_ms)
                     d["trace"] = trace
             say(f"round {r + 1}/{warmup + repeats}" + (" (warm-up)" if r < warmup else "") + ": "
-                + ", ".join(f"{n}={d['prefill'][-1]:.1f}ms" for n, d in rec.items() if d["prefill"]))
+                + ", ".join(f"{n}={d['prefill'][-1]:.1f}ms" for n, d in rec.items() if d["prefill"])
+                + "".join(f", oracle:{n}={d['oracle'][-1]:.1f}ms" for n, d in rec.items() if d["oracle"]))
         mem = {}
         if memory:
             for v in allv:
@@ -349,6 +374,7 @@ def run_bench(arch: str, *, variants: list[Variant], shrink: int = 1, batch_size
             "llm_ms": median(d["llm"]),
             "signal_ms": median(d["signal"]),
             "select_ms": median(d["select"]),
+            "oracle_ms": median(d["oracle"]) if d["oracle"] else float("nan"),
         }
         results[v.name] = out
     full = results.pop("full")
@@ -365,6 +391,7 @@ def run_bench(arch: str, *, variants: list[Variant], shrink: int = 1, batch_size
         out["scoring_overhead"] = _ratio(out["signal_ms"], full["prefill_ms"])
         out["selection_overhead"] = _ratio(out["select_ms"], full["prefill_ms"])
         out["decode_speedup"] = _ratio(out["decode_tokens_per_s"], full["decode_tokens_per_s"])
+        out["oracle_efficiency"] = _ratio(out["oracle_ms"], out["prefill_ms"])
     setup = dict(
         arch=arch, shrink=shrink, device=str(device), dtype=str(tdtype).replace("torch.", ""),
         batch_size=batch_size, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
