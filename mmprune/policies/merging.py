@@ -240,6 +240,7 @@ class PruMergePlus(Policy):
 
     name = "prumerge+"
     stages = ("pre",)
+    adaptive = True  # the official count follows the IQR outliers (option adaptive=False: fixed)
     signals = ("cls_attn", "keys", "next_cls_attn", "next_keys", "tower_assign", "grid")
     paper = "LLaVA-PruMerge(+), 2024"
     summary = "IQR outliers of [CLS] attention + spatial samples, kNN merge"
