@@ -172,7 +172,7 @@ def _left_pad_index(rows: list[torch.Tensor], device) -> torch.Tensor:
 def _gather_rows(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """Gather ``index [B, K]`` along ``dim`` of a tensor whose batch dim is ``dim - 1`` (pads -> 0)."""
     if dim == 1 and t.dim() == 3:
-        return gather_tokens(t, index)
+        return gather_tokens(t, index, check=False)  # engine-built indices: valid, no sync
     if t.shape[dim - 1] == 1 and index.shape[0] > 1:  # positions shared across the batch
         t = t.expand(*t.shape[: dim - 1], index.shape[0], *t.shape[dim:])
     safe = index.clamp(min=0)
@@ -536,7 +536,7 @@ class Engine:
             return None
         h = output.last_hidden_state
         full = self.adapter.final_norm()(run.fill.to(h.dtype))
-        output.last_hidden_state = scatter_tokens(full, run.orig, h)
+        output.last_hidden_state = scatter_tokens(full, run.orig, h, check=False)
         return output
 
     def _record_layer_tokens(self, run: Run) -> None:
@@ -574,7 +574,7 @@ class Engine:
             run.trace.layer_tokens = [[int(v) for v in run.mask2d.sum(-1).tolist()]] * i
         for stage in stages:
             if run.fill is not None:
-                run.fill = scatter_tokens(run.fill.to(hidden.dtype), run.orig, hidden)
+                run.fill = scatter_tokens(run.fill.to(hidden.dtype), run.orig, hidden, check=False)
             needs = tuple(sig for sig in LLM_SIGNALS if sig in stage.policy.signals)
             if needs and stage.policy.signal_layer == "own":  # layer K's own q/k on its input (PyramidDrop)
                 pe = run.pos_emb if run.pruned_in_llm else kwargs.get("position_embeddings")

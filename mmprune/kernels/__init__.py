@@ -81,9 +81,12 @@ def index_checks(enabled: bool) -> Iterator[None]:
         set_index_checks(old)
 
 
-def _checked(index: torch.Tensor, n: int, name: str) -> torch.Tensor:
-    """Range-check ``index`` (sync, raise) or, with checks off, map out-of-range values to -1 (no sync)."""
-    if _CHECKS[0]:
+def _checked(index: torch.Tensor, n: int, name: str, check: bool | None = None) -> torch.Tensor:
+    """Range-check ``index`` (sync, raise) or, with checks off, map out-of-range values to -1 (no sync).
+
+    ``check=None`` follows the process-wide setting; the engine passes ``False`` for indices it built itself
+    (valid by construction), so its hot path never syncs whatever the user's setting."""
+    if _CHECKS[0] if check is None else check:
         check_index(index, n, name)
         return index.long()
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
@@ -117,12 +120,12 @@ def _resolve(impl: str, t: torch.Tensor) -> str:
     return impl
 
 
-def _index(index: torch.Tensor, ref: torch.Tensor, n: int, name: str = "index") -> torch.Tensor:
+def _index(index: torch.Tensor, ref: torch.Tensor, n: int, name: str = "index", check: bool | None = None) -> torch.Tensor:
     if index.dim() != 2 or index.shape[0] != ref.shape[0]:
         raise ValueError(f"{name} must be [B, K] with B = {ref.shape[0]}; got shape {tuple(index.shape)}")
     if index.device != ref.device:
         raise ValueError(f"{name} is on {index.device}, the data on {ref.device}")
-    return _checked(index, n, name)
+    return _checked(index, n, name, check)
 
 
 def _rank3(x: torch.Tensor, name: str) -> None:
@@ -130,15 +133,16 @@ def _rank3(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be [B, N, D]; got shape {tuple(x.shape)}")
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """``[B, N, D]`` x ``[B, K]`` -> ``[B, K, D]``; index ``-1`` gives a zero row.
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, impl: str = "auto", check: bool | None = None) -> torch.Tensor:
+    """``[B, N, D]`` x ``[B, K]`` -> ``[B, K, D]``; index ``-1`` gives a zero row. ``check``: range-check
+    the index (a host sync); None follows ``set_index_checks``.
 
     Example:
         >>> gather_tokens(torch.arange(6.).view(1, 3, 2), torch.tensor([[2, -1]])).tolist()
         [[[4.0, 5.0], [0.0, 0.0]]]
     """
     _rank3(x, "x")
-    index = _index(index, x, x.shape[1])
+    index = _index(index, x, x.shape[1], check=check)
     if _resolve(impl, x) == "triton":
         from . import triton_backend
 
@@ -146,8 +150,9 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, impl: str = "auto") -> t
     return gather_tokens_torch(x, index)
 
 
-def scatter_tokens(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Out-of-place ``dst[b, index[b, k]] = src[b, k]``; index ``-1`` is ignored.
+def scatter_tokens(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, impl: str = "auto",
+                   check: bool | None = None) -> torch.Tensor:
+    """Out-of-place ``dst[b, index[b, k]] = src[b, k]``; index ``-1`` is ignored; ``check`` as ``gather_tokens``.
 
     Duplicate indices in one row are undefined (either source row may land; on CPU the last one does).
 
@@ -157,7 +162,7 @@ def scatter_tokens(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, im
     """
     _rank3(dst, "dst")
     _rank3(src, "src")
-    index = _index(index, dst, dst.shape[1])
+    index = _index(index, dst, dst.shape[1], check=check)
     if src.shape[:2] != index.shape or src.shape[2] != dst.shape[2] or src.device != dst.device:
         raise ValueError(f"src must be [B, K, D] = {(*index.shape, dst.shape[2])} on {dst.device}; "
                          f"got {tuple(src.shape)} on {src.device}")

@@ -53,9 +53,8 @@ def gather_tokens_torch(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     valid = index >= 0
     safe = index.clamp(min=0)
     out = torch.gather(x, 1, safe.unsqueeze(-1).expand(*safe.shape, x.shape[-1]))
-    if bool(valid.all()):
-        return out
-    # where, not a multiply by the mask: a NaN/inf in row 0 must not leak into the empty slots.
+    # where, not a multiply by the mask: a NaN/inf in row 0 must not leak into the empty slots. Always,
+    # never behind an ``if valid.all()``: that test is a host sync on a GPU (the GPU-native issue).
     return torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
@@ -68,14 +67,13 @@ def scatter_tokens_torch(dst: torch.Tensor, index: torch.Tensor, src: torch.Tens
         >>> scatter_tokens_torch(torch.zeros(1, 3, 1), torch.tensor([[2, -1]]), torch.ones(1, 2, 1)).flatten()
         tensor([0., 0., 1.])
     """
-    out = dst.clone()
-    valid = index >= 0
-    src = src.to(out.dtype)
-    if bool(valid.all()):
-        return out.scatter(1, index.unsqueeze(-1).expand_as(src), src)
-    b_idx, k_idx = valid.nonzero(as_tuple=True)
-    out[b_idx, index[b_idx, k_idx]] = src[b_idx, k_idx]
-    return out
+    b, n, d = dst.shape
+    # -1 slots write into one spare row past the end, cut off afterwards: no nonzero / boolean indexing
+    # (host syncs on a GPU).
+    out = torch.cat([dst, dst.new_zeros(b, 1, d)], dim=1)
+    slot = torch.where(index >= 0, index, n)
+    out = out.scatter(1, slot.unsqueeze(-1).expand(*slot.shape, d), src.to(out.dtype))
+    return out[:, :n]
 
 
 def merge_acc_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
