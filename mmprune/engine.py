@@ -46,10 +46,14 @@ from typing import Any
 
 import torch
 
+from .apply import Run, apply_plan, gather_rows, stage_trace
 from .attention import attention_probs, pagerank_importance, rotary_keys
-from .kernels import gather_tokens, scatter_tokens
+from .kernels import scatter_tokens
+from .locate import locate, prefetch_ids
 from .policies.base import Plan, Tokens, resolve_budget
-from .traces import StageTrace, Trace
+from .policies.batch import BatchPlan, BatchTokens
+from .syncs import host_side
+from .traces import Trace
 
 _IDS = itertools.count()
 
@@ -75,6 +79,21 @@ VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups", "tower_cls", "ne
 LLM_SIGNALS = ("attn", "text_attn", "llm_keys", "pagerank")
 
 
+def _stack_left(rows: list[torch.Tensor], device) -> torch.Tensor:
+    """Stack per-sample row lists into ``[B, P]``, left-padded with -1 (the slow path's question rows)."""
+    p = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), p), -1, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        if len(r):
+            out[b, p - len(r) :] = r.to(device)
+    return out
+
+
+def _layer_counts(run: Run) -> list:
+    """The trace's per-layer token counts as recorded (device tensors; ``Trace`` converts them when read)."""
+    return run.trace.__dict__["layer_tokens"]
+
+
 @dataclass
 class Stage:
     config: Any  # PruneConfig
@@ -92,6 +111,7 @@ class CallCtx:
     signals: dict = field(default_factory=dict)  # modality -> list (per item) of {signal: tensor} or None
     notes: list = field(default_factory=list)
     decode: bool = False
+    host_ids: Any = None  # locate.HostIds: the host copy of input_ids, started before the vision tower
     keep_full: bool = True  # False when only the last logits are used (generate): skip the scatter-back
 
 
@@ -103,86 +123,6 @@ class SeqState:
     full_len: int  # L0: prompt length before pruning
     index0: torch.Tensor  # [B, P] original column of each pre-LLM row (-1 = pad)
     stage_masks: dict = field(default_factory=dict)  # layer -> [B, P_K] 2-D mask of the prompt at layer K
-
-
-@dataclass
-class Run:
-    """Working state of one prefill forward through the language model."""
-
-    ctx: CallCtx
-    cache: Any
-    orig: torch.Tensor  # [B, P] current rows -> original column (-1 pad)
-    rel: torch.Tensor  # [B, P] current rows -> row of the LM input (-1 pad)
-    mask2d: torch.Tensor  # [B, P] long
-    vis_rows: list  # per sample: LongTensor of current rows that are visual, in order
-    vis_ids: list  # per sample: LongTensor of original visual-token ids of those rows
-    seg_ids: list  # per sample: LongTensor segment index of each of those rows
-    grids: list  # per sample: list of grids per segment
-    fill: torch.Tensor | None = None  # [B, L0, D] state of dropped rows, when they were dropped
-    pos_emb: Any = None
-    pos_ids: Any = None
-    masks: dict = field(default_factory=dict)  # layer type -> mask for the current rows
-    pruned_in_llm: bool = False
-    signals: dict = field(default_factory=dict)  # layer -> {signal: tensor} read at layer K-1
-    trace: Trace = field(default_factory=Trace)
-    vsig: list = field(default_factory=list)  # per sample: {vision signal: [n_vis, ...] or None}
-    pos0: list = field(default_factory=list)  # per sample: index of each original visual token in its segment
-    seg_n0: list = field(default_factory=list)  # per sample: token count of each segment before any stage
-    rep: list = field(default_factory=list)  # per sample: original visual id of each original's representative (-1 gone)
-    alpha: list = field(default_factory=list)  # per sample: weight of each original in its representative's mean
-    mix: list = field(default_factory=list)  # per sample: [surviving, original] weights once a combine plan ran
-    embeds0: torch.Tensor | None = None  # the LM's input embeddings before any stage (signal "input_embeds")
-    vis_pos0: list = field(default_factory=list)  # per sample: original columns of its visual tokens
-    merged: bool = False
-
-    def mixing(self, b: int) -> torch.Tensor:
-        """Sample b's ``[surviving, original]`` mixing matrix from its representatives and weights."""
-        ids = self.vis_ids[b].cpu()
-        inv = torch.full((len(self.rep[b]),), -1, dtype=torch.long)
-        inv[ids] = torch.arange(len(ids))
-        live = (self.rep[b] >= 0).nonzero().flatten()
-        return torch.zeros(len(ids), len(self.rep[b])).index_put_((inv[self.rep[b][live]], live), self.alpha[b][live])
-
-    def merge_originals(self, b: int, x: torch.Tensor) -> torch.Tensor:
-        """Rows ``x [n_vis, D]`` of sample b's original visual tokens -> one row per surviving token, merged
-        with the same groups and weights as the features (Qwen3-VL deepstack inputs follow merges this way)."""
-        if self.mix[b] is not None:
-            return (self.mix[b].to(x.device) @ x.float()).to(x.dtype)
-        ids = self.vis_ids[b].to(x.device)
-        rep, alpha = self.rep[b].to(x.device), self.alpha[b].to(x.device)
-        inv = torch.full((len(rep),), -1, dtype=torch.long, device=x.device)
-        inv[ids] = torch.arange(len(ids), device=x.device)
-        live = rep >= 0
-        out = torch.zeros(len(ids), *x.shape[1:], dtype=torch.float32, device=x.device)
-        w = alpha[live].view(-1, *([1] * (x.dim() - 1)))
-        out.index_add_(0, inv[rep[live]], x[live].float() * w)
-        return out.to(x.dtype)
-
-
-def _left_pad_index(rows: list[torch.Tensor], device) -> torch.Tensor:
-    """Stack per-sample row lists into ``[B, P]``, left-padded with -1."""
-    p = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), p), -1, dtype=torch.long, device=device)
-    for b, r in enumerate(rows):
-        if len(r):
-            out[b, p - len(r) :] = r.to(device)
-    return out
-
-
-def _gather_rows(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Gather ``index [B, K]`` along ``dim`` of a tensor whose batch dim is ``dim - 1`` (pads -> 0)."""
-    if dim == 1 and t.dim() == 3:
-        return gather_tokens(t, index, check=False)  # engine-built indices: valid, no sync
-    if t.shape[dim - 1] == 1 and index.shape[0] > 1:  # positions shared across the batch
-        t = t.expand(*t.shape[: dim - 1], index.shape[0], *t.shape[dim:])
-    safe = index.clamp(min=0)
-    shape = list(t.shape)
-    view = [1] * t.dim()
-    view[dim - 1], view[dim] = index.shape[0], index.shape[1]
-    expand = list(shape)
-    expand[dim] = index.shape[1]
-    out = torch.gather(t, dim, safe.view(view).expand(expand))
-    return out.masked_fill((index < 0).view(view).expand(expand), 0)
 
 
 class Engine:
@@ -335,6 +275,8 @@ class Engine:
         ctx = CallCtx(input_ids=ids)
         if ids is not None:
             ctx.visual = self.adapter.visual_mask(ids)
+            media = sum(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+            ctx.host_ids = prefetch_ids(ids, media)
         for modality, out in (kwargs.get("mm_encoder_outputs") or {}).items():
             items = getattr(out, "_mmprune_items", None)
             if items is None and out is not None:
@@ -355,59 +297,10 @@ class Engine:
         self.call, self.run, self.decode_state, self.decode_masks, self.decode_lm_mask = None, None, None, {}, None
         return None
 
-    # ------------------------------------------------------------------ segments
-    def _segments(self, ctx: CallCtx, b_count: int):
-        """Per sample: list of (start, n_tokens, grid) over its visual tokens, in sequence order.
-
-        Items (images / videos, with counts from the encoder output) are matched to the placeholder
-        tokens of their modality in order; an item may span several runs (Qwen3-VL separates a video's
-        frames by timestamp text). Tokens no item accounts for become one segment per contiguous run.
-        """
-        ids, visual = ctx.input_ids, ctx.visual
-        queues = {}
-        for m, v in ctx.items.items():
-            sig = ctx.signals.get(m)
-            if sig is None or len(sig) != len(v):
-                sig = [None] * len(v)
-            queues[m] = [(cnt, grid, sg) for (cnt, grid), sg in zip(v, sig)]
-        token_modality = self.adapter.token_modalities()
-        out = []
-        for b in range(b_count):
-            pos = visual[b].nonzero().flatten()
-            mods = [token_modality.get(t) for t in ids[b, pos].tolist()]
-            segs, j = [], 0
-            while j < len(pos):
-                q = queues.get(mods[j])
-                same = [k for k in range(j, len(pos)) if mods[k] == mods[j]]
-                n_left = len(same)
-                if q and q[0][0] <= n_left:
-                    cnt, grid, sg = q.pop(0)
-                    members = same[:cnt]
-                    if members[-1] - j + 1 == cnt:  # contiguous in visual order
-                        segs.append((j, cnt, grid, sg))
-                        j += cnt
-                        continue
-                    q.insert(0, (cnt, grid, sg))
-                # unknown split: this contiguous run is one segment
-                k = j + 1
-                while k < len(pos) and pos[k] == pos[k - 1] + 1 and mods[k] == mods[j]:
-                    k += 1
-                segs.append((j, k - j, None, None))
-                j = k
-            out.append(segs)
-        return out
-
-    @staticmethod
-    def _seg_ids(segs, n, dev) -> torch.Tensor:
-        """Segment index of each of a sample's n visual tokens."""
-        out = torch.zeros(n, dtype=torch.long, device=dev)
-        for i, (start, cnt, _, _) in enumerate(segs):
-            out[start : start + cnt] = i
-        return out
-
-    def _vision_signals(self, segs, n, dev) -> dict:
-        """One sample's vision-tower signals over its n visual tokens; a signal is None unless every
-        segment has it with the right length (then the policy's documented fallback applies)."""
+    # ------------------------------------------------------------------ locate
+    def _vision_signals(self, segs) -> dict:
+        """One sample's vision-tower signals over its visual tokens; a signal is None unless every segment
+        has it with the right length (then the policy's documented fallback applies)."""
         out = {}
         for name in self.vision_signals:
             parts = []
@@ -416,16 +309,15 @@ class Engine:
                 if t is None or t.shape[0] != cnt:
                     parts = None
                     break
-                parts.append(t.to(dev))
+                parts.append(t)
             out[name] = torch.cat(parts) if parts else None
         return out
 
     @staticmethod
-    def _positions(segs, n, dev) -> torch.Tensor:
-        out = torch.zeros(n, dtype=torch.long, device=dev)
-        for start, cnt, _, _ in segs:
-            out[start : start + cnt] = torch.arange(cnt, device=dev)
-        return out
+    def _mark_lm_input(run: Run) -> None:
+        n = run.vid.shape[1]
+        run.lm_slot = torch.where(run.vid >= 0, torch.arange(n, device=run.vid.device), -1)
+        run.lm_totals = list(run.totals)
 
     # ------------------------------------------------------------------ language-model hooks
     def _lm_pre(self, module, args, kwargs):
@@ -446,28 +338,20 @@ class Engine:
         if isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
             raise ValueError("mmprune needs a 2-D attention_mask (or None) at the language model; got a prebuilt mask")
         mask2d = torch.ones(b, l0, dtype=torch.long, device=dev) if mask is None else mask.long()
-        segs = self._segments(ctx, b)
-        vis_pos = [ctx.visual[i].nonzero().flatten() for i in range(b)]
+        lay = locate(ctx, self.adapter, dev)
         arange = torch.arange(l0, device=dev).expand(b, l0)
+        v0 = lay.cols.shape[1]
+        vid0 = torch.where(lay.cols >= 0, torch.arange(v0, device=dev), -1)
         run = Run(
-            ctx=ctx,
-            cache=cache,
-            orig=arange,
-            rel=arange,
-            mask2d=mask2d,
-            vis_rows=vis_pos,
-            vis_ids=[torch.arange(len(v), device=dev) for v in vis_pos],
-            seg_ids=[self._seg_ids(s, len(v), dev) for s, v in zip(segs, vis_pos)],
-            grids=[[g for _, _, g, _ in s] for s in segs],
-            trace=Trace(n_visual=[len(v) for v in vis_pos]),
-            vsig=[self._vision_signals(s, len(v), dev) for s, v in zip(segs, vis_pos)],
-            pos0=[self._positions(s, len(v), dev) for s, v in zip(segs, vis_pos)],
-            seg_n0=[[cnt for _, cnt, _, _ in s] for s in segs],
-            rep=[torch.arange(len(v)) for v in vis_pos],
-            alpha=[torch.ones(len(v)) for v in vis_pos],
-            mix=[None for _ in vis_pos],
+            ctx=ctx, cache=cache, orig=arange, rel=arange, mask2d=mask2d,
+            rows=lay.cols, vid=vid0, seg=lay.seg, pos0=lay.pos, cols0=lay.cols,
+            rep=vid0.clone(), alpha=torch.ones(b, v0, device=dev),
+            totals=list(lay.n), counts=[[c for _, c, _, _ in s] for s in lay.segs], nrows=[l0] * b,
+            origin=[[c for _, c, _, _ in s] for s in lay.segs], grids=[[g for _, _, g, _ in s] for s in lay.segs],
+            vsig=[self._vision_signals(s) for s in lay.segs],
+            trace=Trace(n_visual=list(lay.n)),
             embeds0=x if any("input_embeds" in s.policy.signals for s in self.stages) else None,
-            vis_pos0=vis_pos,
+            host_read=lay.host_read,
         )
         run.trace.notes.extend(self.notes)
         for note in ctx.notes:
@@ -476,27 +360,29 @@ class Engine:
             else:
                 run.trace.notes.append(note)
         for name in self.vision_signals:  # say which declared signals fell back (never silently)
-            if name not in ("tome_groups", "tower_cls", "tower_assign") and any(len(v) and sg.get(name) is None for v, sg in zip(vis_pos, run.vsig)):
+            if name not in ("tome_groups", "tower_cls", "tower_assign") and any(n and sg.get(name) is None for n, sg in zip(lay.n, run.vsig)):
                 run.trace.notes.append(f"{name}: not available from the {self.adapter.family} tower for some "
                                        "items; the policy's documented fallback was used")
         self.run = run
         self.last_trace = run.trace
         run.fill = x if ctx.keep_full else None
-        if not any(len(v) for v in vis_pos):
+        if not any(lay.n):
             return None
         if cache is not None:
             cache._mmprune = SeqState(owner=self.id, full_len=l0, index0=arange.clone())
         if not self.pre_stages:
+            self._mark_lm_input(run)
             return None
         feats = x
         for stage in self.pre_stages:
             feats, _ = self._apply_stage(stage, run, feats)
         kwargs["inputs_embeds"] = feats
         kwargs["attention_mask"] = run.mask2d
+        self._mark_lm_input(run)
         pos = kwargs.get("position_ids")
         if pos is None:  # what the text model would use by default
             pos = arange
-        kwargs["position_ids"] = _gather_rows(pos, run.orig, pos.dim() - 1)
+        kwargs["position_ids"] = gather_rows(pos, run.orig, pos.dim() - 1)
         self.adapter.prune_lm_kwargs(kwargs, run)
         run.rel = torch.where(run.orig >= 0, torch.arange(run.orig.shape[1], device=dev).expand_as(run.orig), -1)
         if cache is not None:
@@ -514,7 +400,7 @@ class Engine:
             if mask.shape[1] == state.full_len + (cached - p) + q:
                 if kwargs.get("position_ids") is None:
                     kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
-                prompt = _gather_rows(mask[:, : state.full_len], state.index0, 1)
+                prompt = gather_rows(mask[:, : state.full_len], state.index0, 1)
                 mask = torch.cat([prompt, mask[:, state.full_len :]], dim=1)
                 kwargs["attention_mask"] = mask
             elif mask.shape[1] != cached + q:
@@ -530,9 +416,7 @@ class Engine:
         if run is None or not self.enabled:
             return None
         self._record_layer_tokens(run)
-        l0 = run.ctx.visual.shape[1]
-        untouched = run.orig.shape[1] == l0 and bool((run.orig == torch.arange(l0, device=run.orig.device)).all())
-        if run.fill is None or untouched:
+        if run.fill is None or not run.changed:
             return None
         h = output.last_hidden_state
         full = self.adapter.final_norm()(run.fill.to(h.dtype))
@@ -540,10 +424,10 @@ class Engine:
         return output
 
     def _record_layer_tokens(self, run: Run) -> None:
-        counts = run.trace.layer_tokens
+        counts = _layer_counts(run)
         n_layers = len(self.layers)
         if len(counts) < n_layers:  # layers after the last stage keep the last count
-            last = counts[-1] if counts else [int(v) for v in run.mask2d.sum(-1).tolist()]
+            last = counts[-1] if counts else run.mask2d.sum(-1)
             counts.extend([last] * (n_layers - len(counts)))
 
     # ------------------------------------------------------------------ decoder-layer hooks
@@ -564,14 +448,14 @@ class Engine:
 
     def _layer_prefill(self, i, stages, module, args, kwargs, hidden):
         run = self.run
-        if not any(len(v) for v in run.vis_rows) and not run.pruned_in_llm:
+        if not any(run.totals) and not run.pruned_in_llm:
             return None
         if stages and not run.pruned_in_llm:
             pe = kwargs.get("position_embeddings")
             run.pos_emb = tuple(t.expand(hidden.shape[0], *t.shape[1:]) for t in pe) if pe is not None else None
             run.pos_ids = kwargs.get("position_ids")
             # layers before K ran on the LM-input rows: record their token counts for FLOPs accounting
-            run.trace.layer_tokens = [[int(v) for v in run.mask2d.sum(-1).tolist()]] * i
+            run.trace.layer_tokens = [run.mask2d.sum(-1)] * i
         for stage in stages:
             if run.fill is not None:
                 run.fill = scatter_tokens(run.fill.to(hidden.dtype), run.orig, hidden, check=False)
@@ -584,17 +468,18 @@ class Engine:
             hidden, index = self._apply_stage(stage, run, hidden, scores=run.signals.get(stage.layer))
             if stage is stages[-1]:
                 run.signals.clear()
-            run.pos_emb = tuple(_gather_rows(t, index, 1) for t in run.pos_emb) if run.pos_emb else None
+            run.pos_emb = tuple(gather_rows(t, index, 1) for t in run.pos_emb) if run.pos_emb else None
             if isinstance(run.pos_ids, torch.Tensor) and run.pos_ids.shape[-1] == p_old:
-                run.pos_ids = _gather_rows(run.pos_ids, index, run.pos_ids.dim() - 1)
+                run.pos_ids = gather_rows(run.pos_ids, index, run.pos_ids.dim() - 1)
             run.masks = {}
             run.pruned_in_llm = True
             if run.cache is not None and getattr(run.cache, "_mmprune", None) is not None:
                 run.cache._mmprune.stage_masks[stage.layer] = run.mask2d.clone()
         if not run.pruned_in_llm:
             return None
-        if stages or len(run.trace.layer_tokens) <= i:
-            run.trace.layer_tokens.append([int(v) for v in run.mask2d.sum(-1).tolist()])
+        counts = _layer_counts(run)
+        if stages or len(counts) <= i:
+            counts.append(run.mask2d.sum(-1))
         ltype = self.adapter.layer_type(i)
         if ltype not in run.masks:
             run.masks[ltype] = self._make_mask(hidden, run.mask2d, run.cache, i, ltype)
@@ -644,7 +529,7 @@ class Engine:
 
         def hook(module, args, kwargs):
             run = self.run
-            if not self.enabled or run is None or not any(len(v) for v in run.vis_rows):
+            if not self.enabled or run is None or not any(run.totals):
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             run.signals[layer] = self._signals(module, hidden, kwargs.get("position_embeddings"), needs)
@@ -663,7 +548,7 @@ class Engine:
             probs = attention_probs(attn, hidden, pe, last, valid)
             sig["attn"] = probs.mean(1)[:, 0]  # [B, P]: head-averaged, last query
         if "text_attn" in needs:
-            rows = _left_pad_index([self._question_rows(run, b) for b in range(valid.shape[0])], valid.device)
+            rows = _stack_left([self._question_rows(run, b) for b in range(valid.shape[0])], valid.device)
             if rows.shape[1]:
                 sig["text_attn"] = attention_probs(attn, hidden, pe, rows, valid).mean(1)  # [B, Q, P]
             sig["text_rows"] = rows
@@ -689,76 +574,98 @@ class Engine:
 
     # ------------------------------------------------------------------ one stage
     def _apply_stage(self, stage: Stage, run: Run, feats: torch.Tensor, scores=None):
-        """Select per sample, merge if planned, drop rows; returns (feats of survivors, index into old rows)."""
-        b, p_old = feats.shape[0], feats.shape[1]
-        dev = feats.device
-        alive_rows, kept_all, n_before, n_after, sc_all, as_all = [], [], [], [], [], []
-        merged = None
-        marks = torch.zeros(b, p_old, dtype=torch.bool, device=dev)
-        sigs = set(stage.policy.signals)
-        scores = scores or {}
-        seconds = 0.0
-        any_merge = False
-        for i in range(b):
-            rows, seg = run.vis_rows[i], run.seg_ids[i]
-            n = len(rows)
-            n_seg = len(run.grids[i])
-            counts = torch.bincount(seg, minlength=n_seg).tolist() if n else [0] * n_seg
-            if n:
-                tok = self._tokens(stage, run, i, feats, rows, counts, scores, sigs)
-                t0 = time.perf_counter()
-                plan: Plan = stage.policy.select(tok)
-                seconds += time.perf_counter() - t0
-                keep = plan.keep.to(dev).long()
-                self._check_plan(stage, plan, n)
-                if plan.assign is not None and not plan.premerged:
-                    merged = merged if merged is not None else feats.clone()
-                    merged[i, rows[keep]] = self._merge(tok.features, plan, len(keep))
-                any_merge = any_merge or plan.assign is not None
-                as_all.append(None if plan.assign is None else plan.assign.long().cpu())
-                self._track_groups(run, i, plan, keep.cpu())
-                sc_all.append(None if plan.scores is None else plan.scores.detach().float().cpu())
-            else:
-                keep = torch.zeros(0, dtype=torch.long, device=dev)
-                sc_all.append(None)
-                as_all.append(None)
-            kept_all.append(keep.cpu())
-            n_before.append(n)
-            n_after.append(len(keep))
-            alive = run.orig[i] >= 0
-            drop = torch.ones(n, dtype=torch.bool, device=dev)
-            drop[keep] = False
-            alive[rows[drop]] = False
-            alive_rows.append(alive.nonzero().flatten())
-            marks[i, rows[keep]] = True
-            run.vis_ids[i] = run.vis_ids[i][keep]
-            run.seg_ids[i] = seg[keep]
-        run.merged = run.merged or any_merge
-        feats = merged if merged is not None else feats
-        index = _left_pad_index(alive_rows, dev)
-        new_marks = _gather_rows(marks.unsqueeze(-1), index, 1).squeeze(-1)
-        run.vis_rows = [new_marks[i].nonzero().flatten() for i in range(b)]
-        run.orig = _gather_rows(run.orig.unsqueeze(-1) + 1, index, 1).squeeze(-1) - 1
-        run.rel = _gather_rows(run.rel.unsqueeze(-1) + 1, index, 1).squeeze(-1) - 1
-        run.mask2d = _gather_rows(run.mask2d.unsqueeze(-1), index, 1).squeeze(-1)
-        run.trace.stages.append(
-            StageTrace(
-                policy=stage.policy.name,
-                layer=stage.layer,
-                kept=kept_all,
-                n_before=n_before,
-                n_after=n_after,
-                scores=sc_all if any(s is not None for s in sc_all) else None,
-                merged=any_merge,
-                seconds=seconds,
-                assign=as_all if any_merge else None,
-            )
-        )
-        return _gather_rows(feats, index, 1), index
+        """Select (batched, data-free or per sample), merge if planned, drop rows; returns (feats of the
+        survivors, index into the old rows)."""
+        policy = stage.policy
+        before = list(run.totals)
+        t0 = time.perf_counter()
+        if getattr(policy, "batched", False):
+            bt = self._batch_tokens(stage, run, feats, scores or {})
+            plan = policy.select_batch(bt)
+            totals = plan.totals if plan.totals is not None else [len(k) for k in self._host_keep(plan)]
+        elif getattr(policy, "data_free", False) and not run.changed and not run.merged:
+            plan, totals = self._data_free_plan(stage, run, feats.device)
+        else:
+            plan, totals = self._per_sample_plan(stage, run, feats, scores or {})
+        seconds = time.perf_counter() - t0
+        run.merged = run.merged or plan.assign is not None
+        out, index = apply_plan(run, plan, feats, totals)
+        run.trace.stages.append(stage_trace(policy.name, stage.layer, plan, before, totals, seconds))
+        return out, index
 
-    def _tokens(self, stage, run: Run, i: int, feats, rows, counts, scores: dict, sigs: set) -> Tokens:
+    @staticmethod
+    def _host_keep(plan: BatchPlan) -> list:
+        """Adaptive counts: read the plan's keep once (the documented sync of adaptive policies)."""
+        keep = plan.keep.cpu()
+        return [k[k >= 0] for k in keep]
+
+    def _batch_tokens(self, stage: Stage, run: Run, feats, scores: dict) -> BatchTokens:
+        """The batch's visual tokens as padded tensors (native ``select_batch`` policies)."""
+        counts = run.seg_counts()
+        budgets = [[resolve_budget(stage.config.budget, c) if c else 0 for c in cs] for cs in counts]
+        signals = {}
+        if scores.get("attn") is not None:
+            signals["attn"] = torch.where(run.rows >= 0, torch.gather(scores["attn"], 1, run.rows.clamp(min=0)), 0.0)
+        valid = run.vid >= 0
+        return BatchTokens(
+            features=gather_rows(feats, run.rows, 1), valid=valid, segment=run.seg,
+            pos=torch.where(valid, torch.gather(run.pos0, 1, run.vid.clamp(min=0)), 0), sizes=run.sizes(),
+            counts=counts, budgets=budgets, origin=run.origin, grids=run.grids, layer=stage.layer, signals=signals,
+        )
+
+    def _data_free_plan(self, stage: Stage, run: Run, dev):
+        """Plans that depend only on the layout (counts, budgets, grids): computed once on the host by the
+        policy's own ``select``, cached per layout and device, reused without touching the device."""
+        counts = run.seg_counts()
+        key = (stage.config.budget, str(dev), tuple(tuple(c) for c in counts), tuple(tuple(g) for g in run.grids))
+        cache = stage.policy.__dict__.setdefault("_plan_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            with host_side():
+                plans, ns = [], []
+                for b, cs in enumerate(counts):
+                    n = sum(cs)
+                    ns.append(n)
+                    if not n:
+                        plans.append(None)
+                        continue
+                    tok = Tokens(torch.zeros(n, 0), list(cs), [resolve_budget(stage.config.budget, c) for c in cs],
+                                 grids=list(run.grids[b]), layer=stage.layer, origin=list(run.origin[b]))
+                    plan = stage.policy.select(tok)
+                    self._check_plan(stage, plan, n)
+                    plans.append(plan)
+                batch = BatchPlan.stack(plans, ns)
+                batch.counts = _plan_counts(plans, counts)
+                hit = (batch.to(dev), batch.totals)
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = hit
+        return hit
+
+    def _per_sample_plan(self, stage: Stage, run: Run, feats, scores: dict):
+        """The slow path: each sample's ``Tokens``, the policy's per-sample ``select`` (custom policies and
+        those without a batched port; syncs)."""
+        sigs = set(stage.policy.signals)
+        counts = run.seg_counts()
+        plans, ns = [], []
+        for i in range(len(run.totals)):
+            n = run.totals[i]
+            ns.append(n)
+            if not n:
+                plans.append(None)
+                continue
+            tok = self._tokens(stage, run, i, feats, counts[i], scores, sigs)
+            plan: Plan = stage.policy.select(tok)
+            self._check_plan(stage, plan, n)
+            plans.append(plan)
+        batch = BatchPlan.stack(plans, ns)
+        batch.counts = _plan_counts(plans, counts, [run.seg[i, :n].cpu() for i, n in enumerate(ns)])
+        return batch.to(feats.device), batch.totals
+
+    def _tokens(self, stage, run: Run, i: int, feats, counts, scores: dict, sigs: set) -> Tokens:
         """The ``Tokens`` view of sample i's visual rows, with the signals the stage's policy declared."""
-        ids = run.vis_ids[i]
+        n = run.totals[i]
+        rows, ids = run.rows[i, :n], run.vid[i, :n]
         text = question = None
         seq = run.mask2d[i].long().cumsum(0) - 1  # row -> index in the sample's unpadded current sequence
         extra = {"rows": seq[rows].cpu()}
@@ -772,7 +679,7 @@ class Engine:
         if q_rows is not None:
             extra["question_rows"] = seq[q_rows].cpu()
         if "input_embeds" in sigs and run.embeds0 is not None:  # SparseVLM's raters: the LM-input embeddings
-            extra["visual_embeds"] = run.embeds0[i, run.vis_pos0[i]]
+            extra["visual_embeds"] = run.embeds0[i, run.cols0[i, : sum(run.origin[i])]]
             extra["question_embeds"] = run.embeds0[i, run.orig[i, q_rows]]
         if "final_norm" in sigs and stage.layer is not None:  # DART's cosine space: the LM's final norm
             norm = self.adapter.final_norm()
@@ -790,13 +697,9 @@ class Engine:
         if "llm_keys" in sigs and scores.get("llm_keys") is not None:
             extra["llm_keys"] = scores["llm_keys"][i, rows]
             extra["question_keys"] = scores["llm_keys"][i, q_rows]
-        rep, inv = run.rep[i], torch.full((len(run.rep[i]),), -1, dtype=torch.long)
-        inv[ids.cpu()] = torch.arange(len(ids))
-        live = rep >= 0
-        sizes = torch.bincount(inv[rep[live]], minlength=len(ids)).float()
         return Tokens(
             features=feats[i, rows],
-            segments=counts,
+            segments=list(counts),
             budgets=[resolve_budget(stage.config.budget, c) for c in counts],
             grids=list(run.grids[i]),
             attn=None if attn is None else attn[i, rows],
@@ -804,8 +707,8 @@ class Engine:
             question=question,
             layer=stage.layer,
             pos=run.pos0[i][ids].cpu(),
-            sizes=sizes,
-            origin=list(run.seg_n0[i]),
+            sizes=run.sizes()[i, :n].cpu(),
+            origin=list(run.origin[i]),
             **extra,
         )
 
@@ -823,57 +726,19 @@ class Engine:
                              "indices < n, assign [n] must map kept tokens to their own position, reduce "
                              "must be 'mean' or 'sum', and combine (with assign) must be [len(keep), n]")
 
-    @staticmethod
-    def _track_groups(run: Run, i: int, plan: Plan, keep: torch.Tensor) -> None:
-        """Update which surviving token each original visual token is represented by, and its weight; after
-        a ``combine`` plan, the exact ``[surviving, original]`` mixing matrix instead (``Run.mix``)."""
-        ids = run.vis_ids[i].cpu()
-        n = len(ids)
-        if plan.combine is not None or run.mix[i] is not None:
-            mix = run.mix[i] if run.mix[i] is not None else run.mixing(i)
-            if plan.combine is not None:
-                step = plan.combine.float().cpu()
-            elif plan.assign is not None:
-                a = plan.assign.long().cpu()
-                w = torch.ones(n) if plan.weight is None else plan.weight.float().cpu()
-                w = torch.where(a >= 0, w, torch.zeros_like(w))
-                step = torch.zeros(len(keep), n).index_put_((a.clamp(min=0), torch.arange(n)), w)
-                if plan.reduce == "mean":
-                    step = step / step.sum(1, keepdim=True).clamp(min=1e-30)
-            else:
-                step = torch.zeros(len(keep), n).index_put_((torch.arange(len(keep)), keep), torch.ones(len(keep)))
-            run.mix[i] = step @ mix
-        if plan.assign is not None:
-            a = plan.assign.long().cpu()
-            w = torch.ones(n) if plan.weight is None else plan.weight.float().cpu()
-            w = torch.where(a >= 0, w, torch.zeros_like(w))
-            total = torch.zeros(len(keep)).scatter_add_(0, a.clamp(min=0), w)
-            if plan.reduce == "sum":
-                total = torch.ones_like(total)
-            new_rep = torch.where(a >= 0, ids[keep[a.clamp(min=0)]], -1)
-            factor = torch.where(a >= 0, w / total[a.clamp(min=0)].clamp(min=1e-30), torch.zeros_like(w))
+
+def _plan_counts(plans: list, counts: list, segs: list | None = None) -> list:
+    """Host mirror of how many tokens each segment keeps after per-sample plans (host tensors)."""
+    out = []
+    for b, (plan, cs) in enumerate(zip(plans, counts)):
+        if plan is None:
+            out.append([0] * len(cs))
+            continue
+        keep = plan.keep.long().cpu()
+        if segs is None:  # data-free: contiguous segments in order
+            bounds = torch.tensor(list(itertools.accumulate(cs)))
+            seg = torch.bucketize(keep, bounds, right=True)
         else:
-            new_rep = torch.full((n,), -1, dtype=torch.long)
-            new_rep[keep] = ids[keep]
-            factor = torch.ones(n)
-        rep = run.rep[i]
-        inv = torch.full((len(rep),), -1, dtype=torch.long)
-        inv[ids] = torch.arange(n)
-        live = rep >= 0
-        j = inv[rep[live]]
-        rep[live] = new_rep[j]
-        run.alpha[i][live] = run.alpha[i][live] * factor[j]
-
-    @staticmethod
-    def _merge(features: torch.Tensor, plan: Plan, k: int) -> torch.Tensor:
-        from .kernels import merge_tokens
-
-        if plan.combine is not None:
-            return (plan.combine.to(features.device).float() @ features.float()).to(features.dtype)
-
-        assign = plan.assign.to(features.device).long()
-        w = None if plan.weight is None else plan.weight.to(features.device)[None]
-        out, total = merge_tokens(features[None], assign[None], k, w)
-        if plan.reduce == "sum":
-            return (out[0].float() * total[0, :, None]).to(out.dtype)
-        return out[0]
+            seg = segs[b][keep]
+        out.append(torch.bincount(seg, minlength=len(cs)).tolist() if len(cs) else [])
+    return out

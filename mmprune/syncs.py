@@ -27,6 +27,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import Counter
 
 import torch
@@ -44,6 +46,22 @@ _DATA_DEPENDENT = {
     "unique_dim": "unique",
 }
 _HOST_METHODS = ("tolist", "cpu", "numpy")
+
+
+_HOST = threading.local()
+
+
+@contextlib.contextmanager
+def host_side():
+    """Mark work on host copies (layout metadata already read, plans of data-free policies): ops inside
+    touch no device data, so the recorder does not count them. The read that made the host copy is
+    counted where it happens."""
+    depth = getattr(_HOST, "depth", 0)
+    _HOST.depth = depth + 1
+    try:
+        yield
+    finally:
+        _HOST.depth = depth
 
 
 def _is_bool_index(indices) -> bool:
@@ -65,6 +83,8 @@ class SyncRecorder(TorchDispatchMode):
         self._busy = False
 
     def _hit(self, name: str) -> None:
+        if getattr(_HOST, "depth", 0):
+            return
         self.counts[name] += 1
         if self.stacks:
             import traceback

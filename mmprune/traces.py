@@ -30,6 +30,25 @@ class StageTrace:
     seconds: float = 0.0
     assign: list[torch.Tensor | None] | None = None
 
+    # The engine records a stage as device tensors and converts them to these host lists only when a
+    # field is read (a device-to-host copy: a sync on a GPU, which the prefill itself must not make).
+    _LAZY = ("kept", "scores", "assign")
+
+    @classmethod
+    def lazy(cls, policy, layer, n_before, n_after, merged, seconds, materialise) -> StageTrace:
+        out = cls(policy, layer, None, n_before, n_after, None, merged, seconds, None)
+        out.__dict__["_pending"] = materialise
+        return out
+
+    def __getattribute__(self, name):
+        if name in StageTrace._LAZY:
+            d = object.__getattribute__(self, "__dict__")
+            pending = d.get("_pending")
+            if pending is not None:
+                del d["_pending"]
+                d.update(pending())
+        return object.__getattribute__(self, name)
+
 
 @dataclass
 class Trace:
@@ -51,6 +70,16 @@ class Trace:
     layer_tokens: list[list[int]] = field(default_factory=list)
     signal_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+    def __getattribute__(self, name):
+        if name == "layer_tokens":  # recorded as device tensors [B]; host lists once read (see StageTrace)
+            rows = object.__getattribute__(self, "__dict__")["layer_tokens"]
+            if any(isinstance(r, torch.Tensor) for r in rows):
+                cache: dict = {}
+                rows[:] = [cache.setdefault(id(r), [int(v) for v in r.tolist()]) if isinstance(r, torch.Tensor) else r
+                           for r in rows]
+            return rows
+        return object.__getattribute__(self, name)
 
     @property
     def policy_seconds(self) -> float:

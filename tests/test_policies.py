@@ -92,12 +92,12 @@ def test_cdpruner_trades_relevance_against_similarity():
 
 @pytest.mark.parametrize("budget, size", [(4, None), (4, 2), (1, None), (5, None)])
 def test_pool_exact_averages(budget, size):
-    from mmprune.engine import Engine
+    from mmprune.apply import merge_one
 
     x = torch.randn(16, 3)
     plan = get_policy("pool")(size=size).select(Tokens(x, [16], [budget], grids=[(1, 4, 4)]))
     assert len(plan.keep) == budget
-    merged = Engine._merge(x, plan, len(plan.keep))
+    merged = merge_one(x, plan, len(plan.keep))
     for g in range(budget):
         torch.testing.assert_close(merged[g], x[plan.assign == g].mean(0))
     if budget == 4:

@@ -78,7 +78,7 @@ class ClipTowerCapture(VisionCapture):
         features (the projector's input), one tile per image (LLaVA-1.5, default strategy). The pre-LLM stage
         then keeps the merged rows as they are (``Tokens.tower_assign``). On any failure nothing is merged
         here and the stage merges after the projector (said in the trace)."""
-        from ..engine import Engine
+        from ..apply import merge_one
         from ..policies.base import Tokens
 
         engine, policy = self.adapter._tower_merge
@@ -97,7 +97,7 @@ class ClipTowerCapture(VisionCapture):
                              keys=keys[i, 1:], tower_cls=torch.ones(s, device=x.device), **extra)
                 plan = policy.select(tok)
                 keep = plan.keep.to(x.device).long()
-                out[i, keep] = Engine._merge(x[i], plan, len(keep))
+                out[i, keep] = merge_one(x[i], plan, len(keep))
                 rep = torch.full((s,), -1, dtype=torch.long)
                 rep[keep.cpu()] = keep.cpu()
                 if plan.assign is not None:

@@ -19,10 +19,12 @@ with the model's own ``get_vision_window_index``. ``cls_sim`` is not provided (p
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 
 import torch
 
+from ..apply import flat_valid, gather_rows
 from .base import Adapter, VisionCapture
 
 
@@ -106,18 +108,14 @@ class Qwen3VLAdapter(QwenVLAdapter):
         vpm, ds = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
         if vpm is None:
             return
-        # flat order of deepstack rows = visual positions, row-major over (sample, position)
-        offsets = torch.cumsum(torch.tensor([0] + [int(v) for v in vpm.sum(-1).tolist()[:-1]]), 0)
-        flat = torch.cat([off + ids.cpu() for off, ids in zip(offsets.tolist(), run.vis_ids)]).to(vpm.device)
         kwargs["visual_pos_masks"] = _gather_mask(vpm, run.orig)
-        if ds is not None and run.merged:  # merged tokens get the same weighted mean of their deepstack rows
-            counts = [int(v) for v in vpm.sum(-1).tolist()]
+        if ds is not None:  # flat rows in (sample, position) order; merged tokens get their groups' weighted mean
+            n0 = [sum(o) for o in run.origin]
             kwargs["deepstack_visual_embeds"] = [
-                torch.cat([run.merge_originals(b, part) for b, part in enumerate(torch.split(d, counts))])
+                flat_valid(run.merge_originals(unflat(d, n0)) if run.merged else gather_rows(unflat(d, n0), run.vid, 1),
+                           run.totals)
                 for d in ds
             ]
-        elif ds is not None:
-            kwargs["deepstack_visual_embeds"] = [d[flat] for d in ds]
 
     def install_extras(self, engine) -> None:
         lm = self.language_model()
@@ -127,30 +125,25 @@ class Qwen3VLAdapter(QwenVLAdapter):
         def deepstack(hidden_states, visual_pos_masks, visual_embeds):
             run = engine.run
             if run is not None and run.pruned_in_llm and hidden_states.shape[1] != visual_pos_masks.shape[1]:
-                # a stage at or before this deepstack layer dropped rows: follow them
-                keep_flat = torch.cat(
-                    [
-                        off + torch.searchsorted(vis, ids)
-                        for off, vis, ids in _visual_index(visual_pos_masks, run)
-                    ]
-                )
+                # a stage at or before this deepstack layer dropped rows: follow them (rows of the LM input)
+                off = torch.tensor([0, *itertools.accumulate(run.lm_totals)][:-1], device=run.lm_slot.device)
+                keep_flat = flat_valid((off.view(-1, 1) + run.lm_slot.clamp(min=0)).unsqueeze(-1), run.totals)
                 visual_pos_masks = _gather_mask(visual_pos_masks, run.rel)
-                visual_embeds = visual_embeds[keep_flat]
+                visual_embeds = visual_embeds[keep_flat.flatten()]
             return original(hidden_states, visual_pos_masks, visual_embeds)
 
         engine._patch(lm, "_deepstack_process", deepstack)
 
 
+def unflat(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Flat rows ``[sum(counts), ...]`` in (sample, position) order -> ``[B, max(counts), ...]`` (zero padded)."""
+    v = max(counts, default=0)
+    idx = torch.cat([torch.arange(c) + b * v for b, c in enumerate(counts)]) if counts else torch.zeros(0, dtype=torch.long)
+    out = x.new_zeros(len(counts) * v, *x.shape[1:])
+    out[idx.to(x.device, non_blocking=True)] = x
+    return out.view(len(counts), v, *x.shape[1:])
+
+
 def _gather_mask(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = torch.gather(mask, 1, index.clamp(min=0))
     return out & (index >= 0)
-
-
-def _visual_index(vpm: torch.Tensor, run):
-    """Per sample: (flat offset, LM-input rows that are visual, LM-input rows of the surviving visual rows)."""
-    off = 0
-    for b in range(vpm.shape[0]):
-        vis = vpm[b].nonzero().flatten()
-        kept = run.rel[b][run.vis_rows[b]]
-        yield off, vis, kept
-        off += len(vis)

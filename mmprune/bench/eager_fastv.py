@@ -64,7 +64,7 @@ class EagerFastVEngine(Engine):
     def _eager_signal(self, layer: int):
         def hook(module, args, output):
             run = self.run
-            if not self.enabled or run is None or not any(len(v) for v in run.vis_rows):
+            if not self.enabled or run is None or not any(run.totals):
                 return None
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if weights is None:

@@ -1,0 +1,224 @@
+"""The batched policy interface: the whole batch's visual tokens as padded tensors in, a padded plan out.
+
+A stage hands a policy one ``BatchTokens`` (``[B, N, D]`` features, ``[B, N]`` validity, segment ids and
+in-segment positions, per-segment counts and budgets as ``[B, S]`` tensors with host mirrors, the declared
+signals batched the same way) and gets one ``BatchPlan`` (``keep [B, K]`` sorted, -1 padded at the end;
+optional ``assign [B, N]`` / ``weight [B, N]``). ``K`` is the largest per-sample kept count, known on the
+host before any data is read whenever the policy's count is fixed by its budget, so the engine sizes every
+tensor without a device-to-host synchronisation (issue 19: a pruned llava prefill made 28
+``cudaStreamSynchronize`` on an H200, each a stall of the launch pipeline).
+
+Three ways a policy gets there:
+
+- ``select_batch`` of its own (``Policy.batched = True``): device-resident selection over the whole batch
+  (FastV's top-k, PyramidDrop's).
+- ``Policy.data_free = True``: the plan depends only on the layout (counts, budgets, grids), never on
+  features (uniform, random, pool, none); the engine runs the per-sample ``select`` once on host metadata,
+  caches the batched plan per layout and device, and reuses it.
+- Neither (custom policies written against ``select(Tokens)``, and the policies not ported yet): the engine
+  builds each sample's ``Tokens`` and calls ``select`` sample by sample (the slow path, which syncs).
+
+Example:
+    >>> import torch
+    >>> from mmprune.policies.base import Tokens
+    >>> bt = BatchTokens.from_tokens([Tokens(torch.zeros(4, 2), [4], [2]), Tokens(torch.zeros(3, 2), [1, 2], [1, 1])])
+    >>> bt.valid.tolist(), bt.segment.tolist(), bt.k_max
+    ([[True, True, True, True], [True, True, True, False]], [[0, 0, 0, 0], [0, 1, 1, -1]], 2)
+    >>> topk_keep(torch.tensor([[.1, .4, .3, .2], [.5, .1, .9, 0.]]), bt.valid, [2, 1]).tolist()
+    [[1, 2], [2, -1]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import Plan, Tokens
+
+
+@dataclass
+class BatchTokens:
+    """The visual tokens of the whole batch entering a stage, padded to ``N`` per sample.
+
+    ``features [B, N, D]``; ``valid [B, N]`` (padding slots False, always at the end of a row); ``segment
+    [B, N]`` each token's segment (image / video) within its sample, in sequence order (-1 padding);
+    ``pos [B, N]`` its original index inside that segment; ``sizes [B, N]`` how many original tokens it
+    stands for. Host mirrors, read without touching the device: ``counts[b][s]`` current tokens per
+    segment, ``budgets[b][s]`` tokens to keep per segment, ``origin[b][s]`` the count before the first
+    stage, ``grids[b][s]``. ``budget [B, S]`` is ``budgets`` on the device (0 padded). Signals, where
+    declared and available, are the per-sample ``Tokens`` fields stacked on a leading batch dimension and
+    padded along the token dimension (``attn [B, N]``, ``keys [B, N, Dk]``, ...; None otherwise).
+    """
+
+    features: torch.Tensor
+    valid: torch.Tensor
+    segment: torch.Tensor
+    pos: torch.Tensor
+    sizes: torch.Tensor
+    counts: list[list[int]]
+    budgets: list[list[int]]
+    origin: list[list[int]]
+    grids: list[list]
+    layer: int | None = None
+    signals: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return len(self.counts)
+
+    @property
+    def k_max(self) -> int:
+        """The widest per-sample kept count when every segment keeps its budget."""
+        return max((sum(b) for b in self.budgets), default=0)
+
+    @property
+    def budget(self) -> torch.Tensor:
+        s = max((len(b) for b in self.budgets), default=0)
+        rows = [b + [0] * (s - len(b)) for b in self.budgets]
+        return torch.tensor(rows, dtype=torch.long).to(self.features.device, non_blocking=True)
+
+    def __getattr__(self, name):  # signals read like Tokens fields: bt.attn, bt.keys, ...
+        sig = self.__dict__.get("signals")
+        if sig is not None and name in sig:
+            return sig[name]
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def meta(self, b: int) -> Tokens:
+        """Sample b's host metadata as a ``Tokens`` with no features (``[n, 0]`` on the CPU): what count
+        rules (``Staged.targets``) and data-free policies read."""
+        n = sum(self.counts[b])
+        return Tokens(torch.zeros(n, 0), list(self.counts[b]), list(self.budgets[b]), grids=list(self.grids[b]),
+                      layer=self.layer, origin=list(self.origin[b]))
+
+    @classmethod
+    def from_tokens(cls, tokens: list[Tokens]) -> BatchTokens:
+        """Stack per-sample ``Tokens`` (the reference interface) into one ``BatchTokens``: what tests use to
+        hold a batched policy to its per-sample reference on the same inputs."""
+        n = max((t.n for t in tokens), default=0)
+        b = len(tokens)
+        ref = tokens[0].features
+        feats = ref.new_zeros(b, n, ref.shape[-1])
+        valid = torch.zeros(b, n, dtype=torch.bool)
+        seg = torch.full((b, n), -1, dtype=torch.long)
+        pos = torch.zeros(b, n, dtype=torch.long)
+        sizes = torch.ones(b, n)
+        signals: dict = {}
+        for i, t in enumerate(tokens):
+            feats[i, : t.n] = t.features
+            valid[i, : t.n] = True
+            seg[i, : t.n] = torch.repeat_interleave(torch.arange(len(t.segments)), torch.tensor(t.segments, dtype=torch.long))
+            pos[i, : t.n] = t.positions()
+            sizes[i, : t.n] = t.token_sizes()
+        for name in ("attn", "cls_attn", "keys", "cls_sim", "llm_keys", "pagerank", "normed", "tower_cls"):
+            vals = [getattr(t, name) for t in tokens]
+            if all(v is not None for v in vals):
+                out = vals[0].new_zeros(b, n, *vals[0].shape[1:])
+                for i, v in enumerate(vals):
+                    out[i, : len(v)] = v
+                signals[name] = out
+        return cls(feats, valid, seg, pos, sizes, [list(t.segments) for t in tokens], [list(t.budgets) for t in tokens],
+                   [list(t.origin or t.segments) for t in tokens], [list(t.grids) for t in tokens],
+                   layer=tokens[0].layer, signals=signals)
+
+
+@dataclass
+class BatchPlan:
+    """What each sample keeps: ``keep [B, K]`` sorted slot indices, -1 padding at the end of each row.
+
+    ``assign [B, N]`` (optional) is the column of ``keep`` each token merges into (-1: dropped outright;
+    kept tokens map to themselves); ``weight [B, N]`` weights a token in its group's mean; ``reduce`` and
+    ``premerged`` as in ``Plan``; ``combine [B, K, N]`` a general linear merge. ``counts[b][s]``, the host
+    mirror of how many tokens each segment keeps, lets the engine size the next tensors without reading
+    the device; None (adaptive counts) makes it read them once. ``totals[b]``: tokens sample b keeps, where
+    known when per-segment counts are not (FastV ranks a sample's images together).
+    """
+
+    keep: torch.Tensor
+    assign: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    reduce: str = "mean"
+    combine: torch.Tensor | None = None
+    premerged: bool = False
+    counts: list[list[int]] | None = None
+    totals: list[int] | None = None
+
+    def sample(self, b: int, n: int | None = None) -> Plan:
+        """Sample b's plan in the per-sample form (padding removed); ``n`` trims ``assign`` / ``weight`` to
+        the sample's token count."""
+        keep = self.keep[b]
+        keep = keep[keep >= 0]
+        cut = slice(None) if n is None else slice(0, n)
+        return Plan(
+            keep=keep,
+            assign=None if self.assign is None else self.assign[b, cut],
+            weight=None if self.weight is None else self.weight[b, cut],
+            scores=None if self.scores is None else self.scores[b, cut],
+            reduce=self.reduce,
+            combine=None if self.combine is None else self.combine[b, : len(keep), cut],
+            premerged=self.premerged,
+        )
+
+    @classmethod
+    def stack(cls, plans: list[Plan | None], ns: list[int], device=None) -> BatchPlan:
+        """Per-sample plans (None: a sample without visual tokens) -> one padded ``BatchPlan`` with host
+        counts (the slow path's and the data-free policies' way in)."""
+        k = max((len(p.keep) for p in plans if p is not None), default=0)
+        n = max(ns, default=0)
+        b = len(plans)
+        keep = torch.full((b, k), -1, dtype=torch.long)
+        live = [p for p in plans if p is not None]
+        merge = any(p.assign is not None for p in live)
+        assign = torch.full((b, n), -1, dtype=torch.long) if merge else None
+        weight = torch.zeros(b, n) if any(p.weight is not None for p in live) else None
+        scores = torch.zeros(b, n) if any(p.scores is not None for p in live) else None
+        combine = torch.zeros(b, k, n) if any(p.combine is not None for p in live) else None
+        totals = []
+        for i, (p, ni) in enumerate(zip(plans, ns)):
+            kp = 0 if p is None else len(p.keep)
+            totals.append(kp)
+            if p is None:
+                continue
+            keep[i, :kp] = p.keep.long().cpu()
+            if assign is not None:
+                if p.assign is not None:
+                    assign[i, :ni] = p.assign.long().cpu()
+                else:
+                    assign[i, p.keep.long().cpu()] = torch.arange(kp)
+            if weight is not None:
+                weight[i, :ni] = 1.0 if p.weight is None else p.weight.float().cpu()
+            if scores is not None and p.scores is not None:
+                scores[i, :ni] = p.scores.detach().float().cpu()
+            if combine is not None and p.combine is not None:
+                combine[i, :kp, :ni] = p.combine.float().cpu()
+        red = next((p.reduce for p in live), "mean")
+        pre = any(p.premerged for p in live)
+        out = cls(keep, assign, weight, scores, red, combine, pre, totals=totals)
+        return out.to(device) if device is not None else out
+
+    def to(self, device) -> BatchPlan:
+        def mv(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return BatchPlan(mv(self.keep), mv(self.assign), mv(self.weight), mv(self.scores), self.reduce,
+                         mv(self.combine), self.premerged, self.counts, self.totals)
+
+
+def topk_keep(score: torch.Tensor, valid: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Per row, the ``ks[b]`` highest-scoring valid slots, sorted, -1 padded to ``max(ks)``; ties go to the
+    lower index, as ``_ops.topk_indices`` (a stable descending sort), so batched and per-sample agree.
+    No host synchronisation: ``ks`` is host data and every shape follows from it."""
+    k = max(ks, default=0)
+    b = score.shape[0]
+    if k == 0:
+        return torch.full((b, 0), -1, dtype=torch.long, device=score.device)
+    s = score.float().masked_fill(~valid, float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    limit = torch.tensor(ks, device=score.device).view(b, 1)
+    big = score.shape[1]
+    order = torch.where(torch.arange(k, device=score.device).view(1, k) < limit, order, big)
+    order = order.sort(dim=1).values
+    return order.masked_fill(order == big, -1)
