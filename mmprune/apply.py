@@ -270,6 +270,8 @@ def apply_plan(run: Run, plan: BatchPlan, feats: torch.Tensor, totals: list[int]
     run.changed = run.changed or any(t1 < t0 for t0, t1 in zip(run.totals, totals))
     run.totals = list(totals)
     run.counts = plan.counts
+    if run.counts is None and all(len(o) <= 1 for o in run.origin):  # one segment per sample: its total
+        run.counts = [[t] if o else [] for t, o in zip(totals, run.origin)]
     return gather_rows(feats, index, 1), index
 
 

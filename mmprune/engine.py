@@ -49,7 +49,7 @@ import torch
 from .apply import Run, apply_plan, gather_rows, stage_trace
 from .attention import attention_probs, pagerank_importance, rotary_keys
 from .kernels import scatter_tokens
-from .locate import locate, prefetch_ids
+from .locate import HostCopy, locate, prefetch_ids
 from .policies.base import Plan, Tokens, resolve_budget
 from .policies.batch import BatchPlan, BatchTokens
 from .syncs import host_side
@@ -111,7 +111,8 @@ class CallCtx:
     signals: dict = field(default_factory=dict)  # modality -> list (per item) of {signal: tensor} or None
     notes: list = field(default_factory=list)
     decode: bool = False
-    host_ids: Any = None  # locate.HostIds: the host copy of input_ids, started before the vision tower
+    synth_mask: bool = False  # decode: the all-ones mask came from us (the caller passed none)
+    host_ids: Any = None  # locate.HostCopy: the host copy of input_ids, started before the vision tower
     keep_full: bool = True  # False when only the last logits are used (generate): skip the scatter-back
 
 
@@ -269,6 +270,7 @@ class Engine:
                 b, q = ref.shape[0], ref.shape[1]
                 done = cache.get_seq_length() - state.index0.shape[1]
                 kwargs["attention_mask"] = torch.ones(b, state.full_len + done + q, dtype=torch.long, device=ref.device)
+                self.call.synth_mask = True
                 return args, kwargs
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -277,6 +279,10 @@ class Engine:
             ctx.visual = self.adapter.visual_mask(ids)
             media = sum(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
             ctx.host_ids = prefetch_ids(ids, media)
+        for name in ("image_grid_thw", "video_grid_thw"):  # Qwen's grids: read on the host for segment grids
+            t = kwargs.get(name)
+            if isinstance(t, torch.Tensor):
+                self.adapter.host_copies[name] = (t, HostCopy(t))
         for modality, out in (kwargs.get("mm_encoder_outputs") or {}).items():
             items = getattr(out, "_mmprune_items", None)
             if items is None and out is not None:
@@ -294,6 +300,7 @@ class Engine:
         return None
 
     def _top_post(self, module, args, output):
+        self.adapter.host_copies.clear()
         self.call, self.run, self.decode_state, self.decode_masks, self.decode_lm_mask = None, None, None, {}, None
         return None
 
@@ -409,6 +416,10 @@ class Engine:
                     f"expected {state.full_len + cached - p + q} (full length) or {cached + q} (pruned length)"
                 )
         self.decode_lm_mask = mask
+        if self.call.synth_mask and state.index0.shape[0] == 1 and kwargs.get("position_ids") is not None:
+            # batch 1 without a caller's mask has no padding: hand the LM None (what the unwrapped model gets),
+            # not our all-ones mask, whose padding check (``padding_mask.all()``) syncs every step
+            kwargs["attention_mask"] = None
         return args, kwargs
 
     def _lm_post(self, module, args, kwargs, output):
@@ -482,7 +493,7 @@ class Engine:
             counts.append(run.mask2d.sum(-1))
         ltype = self.adapter.layer_type(i)
         if ltype not in run.masks:
-            run.masks[ltype] = self._make_mask(hidden, run.mask2d, run.cache, i, ltype)
+            run.masks[ltype] = self._prefill_mask(run, hidden, i, ltype, kwargs.get("attention_mask"))
         kwargs["attention_mask"] = run.masks[ltype]
         kwargs["position_embeddings"] = run.pos_emb
         if "position_ids" in kwargs:
@@ -507,9 +518,35 @@ class Engine:
             if lm_mask is None:  # the top-level hook synthesises one, so only a direct LM call lands here
                 raise ValueError("decoding after in-LLM pruning needs a 2-D attention_mask; got None")
             mask2d = torch.cat([prompt.to(lm_mask.device, lm_mask.dtype), lm_mask[:, p:]], dim=1)
-            self.decode_masks[key] = self._make_mask(hidden, mask2d, _cache_of(kwargs), i, ltype)
+            cache = _cache_of(kwargs)
+            if hidden.shape[1] == 1 and self._own_masks(ltype, cache):  # one query sees every cached key
+                self.decode_masks[key] = mask2d.bool()[:, None, None, :]
+            else:
+                self.decode_masks[key] = self._make_mask(hidden, mask2d, cache, i, ltype)
         kwargs["attention_mask"] = self.decode_masks[key]
         return args, kwargs
+
+    def _own_masks(self, layer_type, cache) -> bool:
+        """Whether the engine builds a pruned layer's mask itself: SDPA, full attention, a dynamic (or no)
+        cache. transformers' ``create_causal_mask`` first asks ``padding_mask.all()`` to pick SDPA's
+        ``is_causal`` path, a host sync per call; these masks are plain tensor algebra instead."""
+        impl = getattr(self.lm.config, "_attn_implementation", None)
+        return impl == "sdpa" and layer_type == "full_attention" and (cache is None or type(cache).__name__ == "DynamicCache")
+
+    def _prefill_mask(self, run: Run, hidden, layer_idx, layer_type, given):
+        """The mask of a pruned layer's rows at prefill. Where transformers passed None for the LM input
+        (no padding: SDPA's ``is_causal``) and the drop left every sample the same length, None again;
+        otherwise causal AND key-valid as a boolean ``[B, 1, P, P]`` (pad rows see themselves, so no row
+        of SDPA's softmax is empty)."""
+        if not self._own_masks(layer_type, run.cache):
+            return self._make_mask(hidden, run.mask2d, run.cache, layer_idx, layer_type)
+        if given is None and len(set(run.nrows)) == 1:
+            return None
+        p = run.mask2d.shape[1]
+        ar = torch.arange(p, device=run.mask2d.device)
+        causal = ar.view(1, p) <= ar.view(p, 1)
+        mask = (causal.unsqueeze(0) & run.mask2d.bool().unsqueeze(1)) | torch.eye(p, dtype=torch.bool, device=ar.device)
+        return mask.unsqueeze(1)
 
     def _make_mask(self, hidden, mask2d, cache, layer_idx, layer_type):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -579,9 +616,10 @@ class Engine:
         policy = stage.policy
         before = list(run.totals)
         t0 = time.perf_counter()
+        plan = None
         if getattr(policy, "batched", False):
-            bt = self._batch_tokens(stage, run, feats, scores or {})
-            plan = policy.select_batch(bt)
+            plan = policy.select_batch(self._batch_tokens(stage, run, feats, scores or {}))
+        if plan is not None:
             totals = plan.totals if plan.totals is not None else [len(k) for k in self._host_keep(plan)]
         elif getattr(policy, "data_free", False) and not run.changed and not run.merged:
             plan, totals = self._data_free_plan(stage, run, feats.device)

@@ -35,8 +35,8 @@ class Layout:
     host_read: bool = False
 
 
-class HostIds:
-    """A host copy of ``input_ids`` started asynchronously (pinned memory, ``non_blocking``), waited for only
+class HostCopy:
+    """A host copy of a small device tensor (``input_ids``, Qwen's ``*_grid_thw``) started asynchronously (pinned memory, ``non_blocking``), waited for only
     when read. On a CPU it is the tensor itself."""
 
     def __init__(self, ids: torch.Tensor):
@@ -56,11 +56,11 @@ class HostIds:
         return self.host
 
 
-def prefetch_ids(ids: torch.Tensor | None, items_hint: int) -> HostIds | None:
+def prefetch_ids(ids: torch.Tensor | None, items_hint: int) -> HostCopy | None:
     """Start the host copy of ``input_ids`` where the layout will need it (batch > 1 or several modalities)."""
     if ids is None or (ids.shape[0] == 1 and items_hint <= 1):
         return None
-    return HostIds(ids)
+    return HostCopy(ids)
 
 
 def _queues(ctx) -> dict:

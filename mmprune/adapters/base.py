@@ -157,6 +157,19 @@ class Adapter:
     def grid_of(self, modality, n, i, args, kwargs):
         return None
 
+    @property
+    def host_copies(self) -> dict:
+        """name -> (device tensor, ``locate.HostCopy``): small inputs the engine copies to the host at the
+        top of a forward, before the vision tower is queued, so reading them later does not stall."""
+        return self.__dict__.setdefault("_host_copies", {})
+
+    def host_of(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the host: the prefetched copy when ``t`` is the tensor the engine copied, else a read."""
+        pre = self.host_copies.get(name)
+        if pre is not None and pre[0] is t:
+            return pre[1].get()
+        return t.cpu()
+
     # -- vision-tower signals
     def vision_capture(self, modality: str, names: tuple):
         """A ``VisionCapture`` for one encoder call, or None when the family has no tap (policies fall back)."""

@@ -25,6 +25,7 @@ import sys
 import torch
 
 from ..apply import flat_valid, gather_rows
+from ..syncs import host_side
 from .base import Adapter, VisionCapture
 
 
@@ -87,7 +88,9 @@ class QwenVLAdapter(Adapter):
         if grid is None:
             return None
         m = self.config.vision_config.spatial_merge_size
-        t, h, w = (int(v) for v in grid[i])
+        host = self.host_of(f"{modality}_grid_thw", grid)  # a read only if the engine did not prefetch it
+        with host_side():
+            t, h, w = (int(v) for v in host[i].tolist())
         return (t, h // m, w // m) if t * (h // m) * (w // m) == n else None
 
 

@@ -157,6 +157,13 @@ class Policy:
     (``layer_for(num_layers)`` may scale it with depth). ``adaptive``: the policy picks its own count per
     instance (then the budget is its cap or target, documented per policy).
 
+    How the engine runs it (``mmprune.policies.batch``): ``batched = True`` with ``select_batch(BatchTokens)
+    -> BatchPlan`` selects for the whole batch on the device, no host synchronisation; ``data_free = True``
+    says the plan depends only on counts, budgets and grids (never features), so the engine computes it once
+    per layout on the host with ``select`` and reuses it; otherwise ``select`` runs per sample (the slow path
+    every custom policy gets without writing anything more). ``select`` stays the reference that
+    ``select_batch`` must reproduce exactly (``tests/test_batched.py``).
+
     Multi-stage policies override ``expand(config, num_layers)`` and return one ``(PruneConfig, Policy
     instance, layer)`` per stage; the wrap installs them as separate stages, so the trace shows each.
     """
@@ -167,6 +174,8 @@ class Policy:
     default_layer: ClassVar[int | None] = None
     signal_layer: ClassVar[str] = "previous"
     adaptive: ClassVar[bool] = False
+    batched: ClassVar[bool] = False
+    data_free: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
@@ -195,6 +204,10 @@ class Policy:
 
     def select(self, tokens: Tokens) -> Plan:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def select_batch(self, tokens):  # -> BatchPlan | None
+        """The batched selection (``batched = True``); None = use ``select`` per sample for this call."""
+        return None
 
 
 def per_segment(tokens: Tokens, pick) -> torch.Tensor:

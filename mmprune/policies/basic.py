@@ -16,6 +16,7 @@ class NoPrune(Policy):
     """
 
     name = "none"
+    data_free = True
     summary = "identity (unpruned reference)"
 
     def select(self, tokens: Tokens) -> Plan:
@@ -33,6 +34,7 @@ class Uniform(Policy):
     """
 
     name = "uniform"
+    data_free = True
     summary = "evenly spaced subset (baseline)"
 
     def select(self, tokens: Tokens) -> Plan:
@@ -56,6 +58,7 @@ class Random(Policy):
     """
 
     name = "random"
+    data_free = True
     summary = "seeded random subset (baseline)"
 
     @classmethod

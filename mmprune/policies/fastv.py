@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ._ops import topk_indices
 from .base import Plan, Policy, Tokens
+from .batch import BatchPlan, BatchTokens, topk_keep
 
 
 class FastV(Policy):
@@ -24,10 +26,16 @@ class FastV(Policy):
     stages = ("llm",)
     signals = ("attn",)
     default_layer = 2
+    batched = True
     paper = "FastV, ECCV'24"
     summary = "last token's attention at layer K-1, keep top"
 
     def select(self, tokens: Tokens) -> Plan:
         k = min(tokens.total_budget, tokens.n)
-        top = torch.topk(tokens.attn.float(), k, sorted=False).indices
-        return Plan(keep=top.sort().values.cpu(), scores=tokens.attn)
+        return Plan(keep=topk_indices(tokens.attn, k), scores=tokens.attn)  # ties: the lower index
+
+    def select_batch(self, tokens: BatchTokens) -> BatchPlan | None:
+        if tokens.attn is None:
+            return None
+        ks = [min(sum(b), sum(c)) for b, c in zip(tokens.budgets, tokens.counts)]
+        return BatchPlan(topk_keep(tokens.attn, tokens.valid, ks), scores=tokens.attn, totals=ks)

@@ -11,6 +11,7 @@ import torch
 
 from ..config import PruneConfig
 from ._ops import attention_received, evenly_spaced, topk_indices
+from .batch import BatchPlan, BatchTokens, topk_keep
 from .base import Plan, Policy, Tokens, resolve_budget
 
 
@@ -126,6 +127,7 @@ class PyramidDrop(Staged):
     stages = ("llm",)
     signals = ("attn",)
     signal_layer = "own"
+    batched = True
     paper = "PyramidDrop, CVPR'25"
     summary = "last-instruction-token attention, geometric schedule over layers"
 
@@ -154,6 +156,12 @@ class PyramidDrop(Staged):
     def select(self, tokens: Tokens) -> Plan:
         score = _text_relevance(tokens) if tokens.attn is None else tokens.attn.float().cpu()
         return Plan(keep=topk_indices(score, sum(self.targets(tokens))), scores=score)
+
+    def select_batch(self, tokens: BatchTokens) -> BatchPlan | None:
+        if tokens.attn is None:  # the text-relevance fallback runs per sample
+            return None
+        ks = [sum(self.targets(tokens.meta(b))) for b in range(tokens.batch)]
+        return BatchPlan(topk_keep(tokens.attn, tokens.valid, ks), scores=tokens.attn.float(), totals=ks)
 
 
 # SparseVLM's official kept counts after its three pruning layers, per "retained tokens" setting, for

@@ -333,6 +333,7 @@ class Pool(Policy):
 
     name = "pool"
     signals = ("grid",)
+    data_free = True
     paper = "LLaVA-OneVision spatial pooling"
     summary = "average pooling on the patch grid (2x2, 3x3 or to the budget)"
 
