@@ -143,6 +143,7 @@ class Engine:
         self.decode_masks: dict = {}
         self.decode_lm_mask: torch.Tensor | None = None
         self.last_trace: Trace | None = None
+        self.last_host_read = False  # the last prefill's layout needed the host copy of input_ids
         self.handles: list = []
         self.notes: list = []  # wrap-time notes, copied into every trace
         self.patched: list = []  # (obj, attr_name, had_instance_attr, old_value)
@@ -372,6 +373,7 @@ class Engine:
                                        "items; the policy's documented fallback was used")
         self.run = run
         self.last_trace = run.trace
+        self.last_host_read = lay.host_read
         run.fill = x if ctx.keep_full else None
         if not any(lay.n):
             return None

@@ -174,7 +174,8 @@ def scatter_tokens(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, im
 
 
 def merge_tokens(
-    x: torch.Tensor, assign: torch.Tensor, num_out: int, weight: torch.Tensor | None = None, impl: str = "auto"
+    x: torch.Tensor, assign: torch.Tensor, num_out: int, weight: torch.Tensor | None = None, impl: str = "auto",
+    check: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean per group; returns ``(out [B, num_out, D], total [B, num_out])``.
 
@@ -190,7 +191,7 @@ def merge_tokens(
     _rank3(x, "x")
     if assign.shape != x.shape[:2]:
         raise ValueError(f"assign must be [B, N] = {tuple(x.shape[:2])}; got {tuple(assign.shape)}")
-    assign = _index(assign, x, num_out, "assign")
+    assign = _index(assign, x, num_out, "assign", check=check)
     if weight is not None and (weight.shape != assign.shape or weight.device != x.device):
         raise ValueError(f"weight must be [B, N] = {tuple(assign.shape)} on {x.device}; got {tuple(weight.shape)}")
     if _resolve(impl, x) == "triton":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ._ops import topk_indices
 from .base import Plan, Policy, Tokens
 from .batch import BatchPlan, BatchTokens, topk_keep
@@ -16,7 +14,11 @@ class FastV(Policy):
     eager attention, no ``output_attentions``). Deviation: the paper ranks all image tokens of the prompt
     together; so do we (one top-k over the sample's visual tokens, k = sum of per-image budgets).
 
+    Runs batched (``select_batch``: one stable top-k over the padded batch, ties to the lower index as
+    ``select``), so selection makes no host synchronisation.
+
     Example:
+        >>> import torch
         >>> t = Tokens(torch.zeros(4, 2), [4], [2], attn=torch.tensor([0.1, 0.4, 0.2, 0.3]))
         >>> FastV().select(t).keep
         tensor([1, 3])

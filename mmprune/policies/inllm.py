@@ -11,8 +11,8 @@ import torch
 
 from ..config import PruneConfig
 from ._ops import attention_received, evenly_spaced, topk_indices
-from .batch import BatchPlan, BatchTokens, topk_keep
 from .base import Plan, Policy, Tokens, resolve_budget
+from .batch import BatchPlan, BatchTokens, topk_keep
 
 
 def pyramid_layers(num_layers: int, start: int | None = None, fractions=(0.25, 0.5, 0.75)) -> list[int]:
