@@ -80,7 +80,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 
 # ----------------------------------------------------------------------------- engine: fast == slow
-FAST = ["uniform", "random", "pool", "none", "fastv", "pyramiddrop"]
+FAST = ["uniform", "random", "pool", "none", "fastv", "pyramiddrop", "divprune"]
 
 
 def _slow(monkeypatch, name):
@@ -113,7 +113,7 @@ def test_fast_paths_equal_the_per_sample_path(monkeypatch, family, name, dtype):
 
 
 # ----------------------------------------------------------------------------- zero host syncs
-SYNC_FREE = ["uniform", "random", "fastv", "pool", "pyramiddrop"]
+SYNC_FREE = ["uniform", "random", "fastv", "pool", "pyramiddrop", "divprune"]
 BATCHES = {1: ([[1]], [5]), 3: ([[1], [1], [1]], [5, 2, 3])}
 
 
@@ -172,8 +172,20 @@ def test_slow_path_policies_still_sync_and_the_recorder_names_the_line():
     m = tiny_model("llava")
     batch = make_inputs(m, [[1], [1]], prompt_lens=[5, 3])
     base = count_syncs(lambda: m(**batch)).counts
-    mmprune.wrap(m, "divprune", budget=0.25)  # not ported yet: the per-sample path
+    mmprune.wrap(m, "cdpruner", budget=0.25)  # not ported yet: the per-sample path
     rec = count_syncs(lambda: m(**batch), stacks=True)
     mmprune.unwrap(m)
     assert sum(added_syncs(rec.counts, base).values()) > 0
     assert any(line.startswith(("engine.py:", "policies/")) for lines in rec.where.values() for line in lines)
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS)
+@pytest.mark.parametrize("budget", [0.4, 0.1, 1.0, 3])
+def test_divprune_batched_equals_per_sample(layouts, budget):
+    toks = _ragged(4, layouts, budget=budget)
+    pol = get_policy("divprune")()
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t).keep.cpu()
+        assert torch.equal(plan.sample(b).keep.cpu(), ref), (b, t.segments)
+        assert plan.totals[b] == len(ref)

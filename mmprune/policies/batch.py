@@ -222,3 +222,78 @@ def topk_keep(score: torch.Tensor, valid: torch.Tensor, ks: list[int]) -> torch.
     order = torch.where(torch.arange(k, device=score.device).view(1, k) < limit, order, big)
     order = order.sort(dim=1).values
     return order.masked_fill(order == big, -1)
+
+
+def segment_rows(tokens: BatchTokens) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Every (sample, segment) of the batch as one row of slot indices (-1 padded): ``(index [S, m], owner
+    [S] sample of each row, ks [S] budget of each row)``. Per-image policies (DivPrune's k-center) then run
+    once over all images of the batch. The index is built on the host from the host counts."""
+    rows, owner, ks = [], [], []
+    for b, (counts, budgets) in enumerate(zip(tokens.counts, tokens.budgets)):
+        start = 0
+        for c, k in zip(counts, budgets):
+            if c:
+                rows.append(torch.arange(start, start + c))
+                owner.append(b)
+                ks.append(min(k, c))
+            start += c
+    m = max((len(r) for r in rows), default=0)
+    index = torch.full((len(rows), m), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        index[i, : len(r)] = r
+    return index.to(tokens.features.device, non_blocking=True), owner, ks
+
+
+def segment_features(x: torch.Tensor, index: torch.Tensor, owner: list[int]) -> torch.Tensor:
+    """``x [B, N, ...]`` at ``segment_rows``' index -> ``[S, m, ...]`` (padding rows read slot 0)."""
+    who = torch.tensor(owner, dtype=torch.long).to(x.device, non_blocking=True)
+    return x[who.view(-1, 1), index.clamp(min=0)]
+
+
+def keep_from_rows(sel: torch.Tensor, index: torch.Tensor, owner: list[int], ks: list[int], batch: int,
+                   n: int) -> torch.Tensor:
+    """Per-row selections ``sel [S, k]`` (positions into each row of ``index``; the first ``ks[s]`` count) ->
+    the batch's ``keep [B, K]`` over ``n`` slots, sorted, -1 padded."""
+    totals = [0] * batch
+    src, dst = [], []
+    width = max((sum(k for k, o in zip(ks, owner) if o == b) for b in range(batch)), default=0)
+    for s, (b, k) in enumerate(zip(owner, ks)):
+        src.append(torch.arange(k) + s * sel.shape[1])
+        dst.append(torch.arange(k) + b * width + totals[b])
+        totals[b] += k
+    out = torch.full((batch * width,), -1, dtype=torch.long, device=sel.device)
+    if src:
+        dev = sel.device
+        slots = torch.gather(index, 1, sel.clamp(min=0)).flatten()
+        out[torch.cat(dst).to(dev, non_blocking=True)] = slots[torch.cat(src).to(dev, non_blocking=True)]
+    out = out.view(batch, width)
+    big = n + 1
+    out = torch.where(out >= 0, out, big).sort(dim=1).values
+    return out.masked_fill(out == big, -1)
+
+
+def kcenter_rows(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """``_ops.kcenter`` over rows at once: ``x [S, m, D]``, ``valid [S, m]`` -> ``[S, k]`` positions in
+    selection order (rows needing fewer take their first picks). Same distances (``1 - cos``), same first
+    pick (the token whose nearest neighbour is farthest), same ties (the first maximum)."""
+    s, m, _ = x.shape
+    if k == 0 or m == 0:
+        return torch.zeros(s, 0, dtype=torch.long, device=x.device)
+    xn = torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-8)
+    dist = 1.0 - xn @ xn.transpose(1, 2)
+    pair = valid.unsqueeze(1) & valid.unsqueeze(2)
+    eye = torch.eye(m, dtype=torch.bool, device=x.device)
+    d = dist.masked_fill(eye | ~pair, float("inf"))
+    first = d.min(1).values.masked_fill(~valid, float("-inf")).argmax(-1)
+    dist = dist.masked_fill(~valid.unsqueeze(1), float("-inf"))  # padding columns never win
+    closest = torch.gather(dist, 1, first.view(s, 1, 1).expand(s, 1, m)).squeeze(1)
+    picked = torch.zeros(s, m, dtype=torch.bool, device=x.device)
+    picked.scatter_(1, first.view(s, 1), True)
+    sel = [first]
+    for _ in range(k - 1):
+        closest = closest.masked_fill(picked, -1.0)
+        j = closest.argmax(-1)
+        sel.append(j)
+        picked.scatter_(1, j.view(s, 1), True)
+        closest = torch.minimum(closest, torch.gather(dist, 1, j.view(s, 1, 1).expand(s, 1, m)).squeeze(1))
+    return torch.stack(sel, 1)

@@ -6,6 +6,7 @@ import torch
 
 from ._ops import dpp_greedy, kcenter, segmentwise
 from .base import Plan, Policy, Tokens
+from .batch import BatchPlan, BatchTokens, kcenter_rows, keep_from_rows, segment_features, segment_rows
 
 
 class DivPrune(Policy):
@@ -22,11 +23,21 @@ class DivPrune(Policy):
     """
 
     name = "divprune"
+    batched = True
     paper = "DivPrune, CVPR'25"
     summary = "greedy max-min diversity (k-center) on projected features"
 
     def select(self, tokens: Tokens) -> Plan:
         return segmentwise(tokens, lambda t: Plan(keep=kcenter(t.features, t.budgets[0]).sort().values))
+
+    def select_batch(self, tokens: BatchTokens) -> BatchPlan:
+        # every image of the batch is one row of one batched k-center: k - 1 rounds of a few kernels
+        # in all, where the per-image loop made k host round trips per image
+        index, owner, ks = segment_rows(tokens)
+        sel = kcenter_rows(segment_features(tokens.features, index, owner), index >= 0, max(ks, default=0))
+        totals = [sum(k for k, o in zip(ks, owner) if o == b) for b in range(tokens.batch)]
+        counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(tokens.counts, tokens.budgets)]
+        return BatchPlan(keep_from_rows(sel, index, owner, ks, tokens.batch, tokens.features.shape[1]), counts=counts, totals=totals)
 
 
 class CDPruner(Policy):
