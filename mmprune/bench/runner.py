@@ -133,7 +133,8 @@ class _RegionTimer:
 
 
 class _SelectTimer:
-    """Times ``policy.select`` of every stage (instance attribute, removed on uninstall)."""
+    """Times ``policy.select`` and ``policy.select_batch`` of every stage (instance attributes, removed on
+    uninstall). A data-free policy's plan is cached per layout, so after the first round it costs nothing."""
 
     def __init__(self, device):
         self.device = device
@@ -141,15 +142,18 @@ class _SelectTimer:
         self.policies = []
 
     def attach(self, policy) -> None:
-        inner = policy.select
         timer = self
 
-        def select(tokens):
-            out, ms = time_once(lambda: inner(tokens), timer.device)
-            timer.ms += ms
-            return out
+        def timed(inner):
+            def run(tokens):
+                out, ms = time_once(lambda: inner(tokens), timer.device)
+                timer.ms += ms
+                return out
 
-        policy.__dict__["select"] = select
+            return run
+
+        policy.__dict__["select"] = timed(policy.select)
+        policy.__dict__["select_batch"] = timed(policy.select_batch)
         self.policies.append(policy)
 
     def take_ms(self) -> float:
@@ -159,6 +163,7 @@ class _SelectTimer:
     def remove(self) -> None:
         for p in self.policies:
             p.__dict__.pop("select", None)
+            p.__dict__.pop("select_batch", None)
         self.policies = []
 
 
