@@ -646,12 +646,31 @@ class Engine:
         signals = {}
         if scores.get("attn") is not None:
             signals["attn"] = torch.where(run.rows >= 0, torch.gather(scores["attn"], 1, run.rows.clamp(min=0)), 0.0)
+        for name in self.vision_signals:
+            if name in stage.policy.signals:
+                signals[name] = self._batched_signal(run, name)
         valid = run.vid >= 0
         return BatchTokens(
             features=gather_rows(feats, run.rows, 1), valid=valid, segment=run.seg,
             pos=torch.where(valid, torch.gather(run.pos0, 1, run.vid.clamp(min=0)), 0), sizes=run.sizes(),
             counts=counts, budgets=budgets, origin=run.origin, grids=run.grids, layer=stage.layer, signals=signals,
         )
+
+    @staticmethod
+    def _batched_signal(run: Run, name: str):
+        """A vision signal for the surviving slots, ``[B, N, ...]`` (zero padded); None unless every sample
+        with visual tokens has it (then the policy's fallback applies, as per sample)."""
+        parts = [sig.get(name) for sig in run.vsig]
+        if any(p is None and n for p, n in zip(parts, run.totals)) or all(p is None for p in parts):
+            return None
+        ref = next(p for p in parts if p is not None)
+        v0 = run.rep.shape[1]
+        out = ref.new_zeros(len(parts), v0, *ref.shape[1:])
+        for b, p in enumerate(parts):  # per-sample tensors of host-known lengths: copies, no read
+            if p is not None:
+                out[b, : p.shape[0]] = p
+        idx = run.vid.clamp(min=0)
+        return torch.gather(out, 1, idx.view(*idx.shape, *([1] * (out.dim() - 2))).expand(*idx.shape, *out.shape[2:]))
 
     def _data_free_plan(self, stage: Stage, run: Run, dev):
         """Plans that depend only on the layout (counts, budgets, grids): computed once on the host by the

@@ -80,7 +80,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 
 # ----------------------------------------------------------------------------- engine: fast == slow
-FAST = ["uniform", "random", "pool", "none", "fastv", "pyramiddrop", "divprune"]
+FAST = ["uniform", "random", "pool", "none", "fastv", "pyramiddrop", "divprune", "visionzip"]
 
 
 def _slow(monkeypatch, name):
@@ -113,7 +113,7 @@ def test_fast_paths_equal_the_per_sample_path(monkeypatch, family, name, dtype):
 
 
 # ----------------------------------------------------------------------------- zero host syncs
-SYNC_FREE = ["uniform", "random", "fastv", "pool", "pyramiddrop", "divprune"]
+SYNC_FREE = ["uniform", "random", "fastv", "pool", "pyramiddrop", "divprune", "visionzip"]
 BATCHES = {1: ([[1]], [5]), 3: ([[1], [1], [1]], [5, 2, 3])}
 
 
@@ -189,3 +189,42 @@ def test_divprune_batched_equals_per_sample(layouts, budget):
         ref = pol.select(t).keep.cpu()
         assert torch.equal(plan.sample(b).keep.cpu(), ref), (b, t.segments)
         assert plan.totals[b] == len(ref)
+
+
+def _zip_tokens(seed, layouts, budget, cls=True, keys=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for segs in layouts:
+        n = sum(segs)
+        out.append(Tokens(torch.randn(n, 6, generator=g), list(segs), [resolve_budget(budget, c) for c in segs],
+                          grids=[None] * len(segs), cls_attn=torch.rand(n, generator=g) if cls else None,
+                          keys=torch.randn(n, 5, generator=g) if keys else None,
+                          tower_cls=torch.ones(n) if cls else None))
+    return out
+
+
+def _same_plan(batch_plan, b, ref, n):
+    got = batch_plan.sample(b, n)
+    assert torch.equal(got.keep.cpu(), ref.keep.cpu())
+    if ref.assign is None:  # keep only: a batched assign, if any, maps kept tokens to themselves, drops the rest
+        if got.assign is not None:
+            want = torch.full((n,), -1, dtype=torch.long)
+            want[ref.keep.cpu()] = torch.arange(len(ref.keep))
+            assert torch.equal(got.assign.cpu(), want)
+    else:
+        assert torch.equal(got.assign.cpu(), ref.assign.cpu())
+        assert torch.allclose(got.weight.cpu().float(), ref.weight.cpu().float())
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS)
+@pytest.mark.parametrize("budget", [0.3, 0.1, 64, 1.0])
+@pytest.mark.parametrize("cls, keys", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("options", [{}, {"cls_slot": "patch"}, {"dominant_ratio": 0.5}])
+def test_visionzip_batched_equals_per_sample(layouts, budget, cls, keys, options):
+    toks = _zip_tokens(5, layouts, budget, cls, keys)
+    pol = get_policy("visionzip")(**options)
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        _same_plan(plan, b, ref, t.n)
+        assert plan.totals[b] == len(ref.keep)

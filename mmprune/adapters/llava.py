@@ -78,8 +78,10 @@ class ClipTowerCapture(VisionCapture):
         features (the projector's input), one tile per image (LLaVA-1.5, default strategy). The pre-LLM stage
         then keeps the merged rows as they are (``Tokens.tower_assign``). On any failure nothing is merged
         here and the stage merges after the projector (said in the trace)."""
-        from ..apply import merge_one
+        from ..apply import gather_slots, merged_features
+        from ..kernels import scatter_tokens
         from ..policies.base import Tokens
+        from ..policies.batch import BatchPlan, BatchTokens
 
         engine, policy = self.adapter._tower_merge
         x = args[0] if args else kwargs["image_features"]
@@ -90,20 +92,31 @@ class ClipTowerCapture(VisionCapture):
                 raise ValueError("not one [CLS] + patch grid per image")
             nxt = self.next_rows[0] if len(self.next_rows) == 1 and self.next_rows[0][0].shape == att.shape else None
             budget = next(st.config.budget for st in engine.pre_stages if st.policy is policy)
-            side, out = math.isqrt(s), x.clone()
-            for i in range(t):
-                extra = {} if nxt is None else {"next_cls_attn": nxt[0][i, 1:], "next_keys": nxt[1][i, 1:]}
-                tok = Tokens(x[i], [s], [resolve_budget(budget, s)], grids=[(1, side, side)], cls_attn=att[i, 1:],
-                             keys=keys[i, 1:], tower_cls=torch.ones(s, device=x.device), **extra)
-                plan = policy.select(tok)
-                keep = plan.keep.to(x.device).long()
-                out[i, keep] = merge_one(x[i], plan, len(keep))
-                rep = torch.full((s,), -1, dtype=torch.long)
-                rep[keep.cpu()] = keep.cpu()
-                if plan.assign is not None:
-                    a = plan.assign.long().cpu()
-                    rep[a >= 0] = keep.cpu()[a[a >= 0]]
-                self.tower_assign.append(rep)
+            side, k = math.isqrt(s), resolve_budget(budget, s)
+            sig = {"cls_attn": att[:, 1:], "keys": keys[:, 1:], "tower_cls": torch.ones(t, s, device=x.device)}
+            if nxt is not None:
+                sig.update(next_cls_attn=nxt[0][:, 1:], next_keys=nxt[1][:, 1:])
+            plan = None
+            if policy.batched:  # every image at once, on the device
+                dev = x.device
+                bt = BatchTokens(x, torch.ones(t, s, dtype=torch.bool, device=dev),
+                                 torch.zeros(t, s, dtype=torch.long, device=dev),
+                                 torch.arange(s, device=dev).expand(t, s), torch.ones(t, s, device=dev),
+                                 [[s]] * t, [[k]] * t, [[s]] * t, [[(1, side, side)]] * t, signals=sig)
+                plan = policy.select_batch(bt)
+            if plan is None:
+                plans = [policy.select(Tokens(x[i], [s], [k], grids=[(1, side, side)],
+                                              **{name: v[i] for name, v in sig.items()})) for i in range(t)]
+                plan = BatchPlan.stack(plans, [s] * t, device=x.device)
+            out = x
+            if plan.assign is not None:
+                out = scatter_tokens(x.clone(), plan.keep, merged_features(x, plan, plan.keep.shape[1]), check=False)
+                rep = torch.where(plan.assign >= 0, gather_slots(plan.keep, plan.assign.clamp(min=0)), -1)
+            else:
+                rep = torch.full((t, s + 1), -1, dtype=torch.long, device=x.device)
+                rep.scatter_(1, torch.where(plan.keep >= 0, plan.keep, s), torch.where(plan.keep >= 0, plan.keep, -1))
+                rep = rep[:, :s]
+            self.tower_assign = list(rep.unbind(0))
         except Exception as e:
             self.tower_assign = []
             self.error = self.error or f"merging before the projector failed ({type(e).__name__}: {e})"

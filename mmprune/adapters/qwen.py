@@ -36,7 +36,7 @@ class QwenTowerCapture(VisionCapture):
 
     def _tap(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]  # [S, D], after norm1
-        cu = kwargs["cu_seqlens"].tolist()
+        cu = self._host_cu(kwargs["cu_seqlens"])
         cos, sin = kwargs["position_embeddings"]
         s = hidden.shape[0]
         q, k, _ = module.qkv(hidden).reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -50,6 +50,20 @@ class QwenTowerCapture(VisionCapture):
                 recv[a:b] += p.mean(0)
         recv /= qr.shape[0]
         self.rows.append(torch.cat([recv[:, None], k.float().mean(1)], dim=-1))  # [S, 1 + hd]
+
+    def _host_cu(self, cu: torch.Tensor) -> list[int]:
+        """The block's ``cu_seqlens`` on the host: from the grid the engine copied before the tower ran (one
+        sequence per frame, full attention), else a read."""
+        visual = self.adapter.inner().visual
+        full = not hasattr(visual, "window_size") or (len(visual.blocks) - 1) in getattr(visual, "fullatt_block_indexes", ())
+        pre = self.adapter.host_copies.get(f"{self.modality}_grid_thw")
+        if full and pre is not None:
+            with host_side():
+                frames = [int(h) * int(w) for t, h, w in pre[1].get().tolist() for _ in range(int(t))]
+                out = [0, *itertools.accumulate(frames)]
+            if len(out) == cu.shape[0]:
+                return out
+        return cu.tolist()
 
     def _items(self, output, args, kwargs):
         if len(self.rows) != 1:
@@ -69,7 +83,9 @@ class QwenTowerCapture(VisionCapture):
                 patch_size=visual.patch_size,
             )
             sig = sig[torch.argsort(window_index.to(sig.device))]
-        sizes = (grid.prod(-1) // m2).tolist()
+        host = self.adapter.host_of(f"{self.modality}_grid_thw", grid)
+        with host_side():
+            sizes = (host.prod(-1) // m2).tolist()
         feats = output.pooler_output
         if [int(f.shape[0]) for f in feats] != sizes:
             raise ValueError("signal layout does not match the encoder's tokens")

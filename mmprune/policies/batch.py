@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -297,3 +298,37 @@ def kcenter_rows(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
         picked.scatter_(1, j.view(s, 1), True)
         closest = torch.minimum(closest, torch.gather(dist, 1, j.view(s, 1, 1).expand(s, 1, m)).squeeze(1))
     return torch.stack(sel, 1)
+
+
+def rows_to_batch(vals: torch.Tensor, index: torch.Tensor, owner: list[int], batch: int, n: int, fill=0) -> torch.Tensor:
+    """Values per ``segment_rows`` position ``vals [S, m]`` -> ``[B, n]`` per slot (``fill`` elsewhere)."""
+    dev = vals.device
+    who = torch.tensor(owner, dtype=torch.long).to(dev, non_blocking=True).view(-1, 1)
+    flat = torch.where(index >= 0, who * n + index, batch * n)
+    out = torch.full((batch * n + 1,), fill, dtype=vals.dtype, device=dev)
+    out.scatter_(0, flat.flatten(), vals.flatten())
+    return out[: batch * n].view(batch, n)
+
+
+def mask_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` True positions of each row of ``mask [S, m]``, ascending (-1 where a row has fewer)."""
+    m = mask.shape[1]
+    pos = torch.where(mask, torch.arange(m, device=mask.device), m).sort(dim=1).values[:, :k]
+    return pos.masked_fill(pos == m, -1)
+
+
+def position_in_keep(keep: torch.Tensor, slots: torch.Tensor, n: int) -> torch.Tensor:
+    """Column of ``keep [B, K]`` (sorted, -1 padded) holding each of ``slots [B, N]`` (-1 stays -1)."""
+    sorted_keep = torch.where(keep >= 0, keep, n + 1)
+    pos = torch.searchsorted(sorted_keep.contiguous(), slots.clamp(min=0).contiguous())
+    return torch.where(slots >= 0, pos, -1)
+
+
+def attention_received_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``_ops.attention_received`` per row of ``x [S, m, D]``: mean over valid queries of
+    ``softmax(X Xᵀ / sqrt(d))`` over valid keys."""
+    x = x.float()
+    logits = (x @ x.transpose(1, 2)) / math.sqrt(x.shape[-1])
+    att = torch.softmax(logits.masked_fill(~valid.unsqueeze(1), float("-inf")), dim=-1)
+    att = att.masked_fill(~valid.unsqueeze(2), 0.0)
+    return att.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)

@@ -17,6 +17,18 @@ from ._ops import (
     segmentwise,
 )
 from .base import Plan, Policy, Tokens
+from .batch import (
+    BatchPlan,
+    BatchTokens,
+    attention_received_rows,
+    keep_from_rows,
+    mask_positions,
+    position_in_keep,
+    rows_to_batch,
+    segment_features,
+    segment_rows,
+    topk_keep,
+)
 
 
 def _install_tower_merge(policy: Policy, engine) -> None:
@@ -143,6 +155,7 @@ class VisionZip(Policy):
 
     name = "visionzip"
     stages = ("pre",)
+    batched = True
     signals = ("cls_attn", "keys", "tower_cls", "tower_assign")
     paper = "VisionZip, CVPR'25"
     summary = "dominant tokens by [CLS] attention + contextual tokens merged by key similarity"
@@ -162,21 +175,28 @@ class VisionZip(Policy):
         if self.options["cls_slot"] not in ("paper", "patch"):
             raise ValueError(f"visionzip cls_slot must be 'paper' or 'patch'; got {self.options['cls_slot']!r}")
 
-    def select(self, tokens: Tokens) -> Plan:
-        ratio = float(self.options["dominant_ratio"])
+    def _split(self, n: int, k: int, has_cls: bool) -> tuple[int, int, int]:
+        """Host counts of one image: (dominant patches, contextual targets, target stride over the rest)."""
+        dominant = min(k, int(round(k * float(self.options["dominant_ratio"]))))
+        contextual = k - dominant
+        if has_cls and self.options["cls_slot"] == "paper" and dominant > 0:
+            dominant -= 1  # the official dominant_num: [CLS] takes one dominant slot
+        dominant = min(dominant, n)
+        rest = n - dominant
+        if contextual == 0 or rest == 0:
+            return dominant, 0, 1
+        step = max(1, rest // contextual)
+        return dominant, min(contextual, -(-rest // step)), step
 
+    def select(self, tokens: Tokens) -> Plan:
         def one(t: Tokens) -> Plan:
             done = premerged_plan(t)
             if done is not None:  # selected and merged before the projector, as the official code
                 return done
             n, k = t.n, t.budgets[0]
             score = (t.cls_attn if t.cls_attn is not None else attention_received(t.features)).float().cpu()
-            dominant = min(k, int(round(k * ratio)))
-            contextual = k - dominant
             has_cls = t.tower_cls is not None and bool(t.tower_cls.any())
-            if has_cls and self.options["cls_slot"] == "paper" and dominant > 0:
-                dominant -= 1  # the official dominant_num: [CLS] takes one dominant slot
-            dominant = min(dominant, n)
+            dominant, contextual, _ = self._split(n, k, has_cls)
             dom = score.topk(dominant).indices.sort().values
             rest = torch.ones(n, dtype=torch.bool)
             rest[dom] = False
@@ -204,6 +224,61 @@ class VisionZip(Policy):
             return Plan(keep=keep, assign=assign, weight=weight, scores=score, reduce="sum")
 
         return segmentwise(tokens, one)
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan:
+        """``select`` for every image of the batch at once (one row per image), no host synchronisation.
+        Same counts, targets, groups and weights; the dominant set is a stable top-k (ties to the lower
+        index; ``select`` uses ``torch.topk``, equal whenever the [CLS] attention has no ties)."""
+        index, owner, _ = segment_rows(bt)
+        has_cls = bt.tower_cls is not None  # the engine gives tower_cls only for [CLS] towers (all ones)
+        splits = [self._split(c, min(k, c), has_cls) for cs, ks in zip(bt.counts, bt.budgets) for c, k in zip(cs, ks) if c]
+        ks = [d + c for d, c, _ in splits]
+        b, n = bt.features.shape[:2]
+        counts = [[0] * len(cs) for cs in bt.counts]
+        it = iter(ks)
+        for i, cs in enumerate(bt.counts):
+            for j, c in enumerate(cs):
+                counts[i][j] = next(it) if c else 0
+        totals = [sum(c) for c in counts]
+        valid = index >= 0
+        if bt.tower_assign is not None:  # merged before the projector: read the groups it made
+            rep = bt.tower_assign.long()
+            slot = torch.arange(n, device=rep.device).expand(b, n)
+            kept = bt.valid & (rep == bt.pos)
+            keep = mask_positions(kept, max(totals, default=0))
+            rep_slot = torch.where(bt.valid & (rep >= 0), slot - bt.pos + rep, -1)
+            return BatchPlan(keep, position_in_keep(keep, rep_slot, n), premerged=True, counts=counts, totals=totals)
+        dev = bt.features.device
+        if bt.cls_attn is not None:
+            score = segment_features(bt.cls_attn.float(), index, owner)
+        else:
+            score = attention_received_rows(segment_features(bt.features, index, owner), valid)
+        score = score.masked_fill(~valid, 0.0)
+        m = index.shape[1]
+        dom = torch.zeros(len(ks), m + 1, dtype=torch.bool, device=dev)
+        top = topk_keep(score, valid, [d for d, _, _ in splits])
+        dom.scatter_(1, torch.where(top >= 0, top, m), True)
+        dom = dom[:, :m]
+        rest = valid & ~dom
+        rank = rest.long().cumsum(1) - 1
+        step = torch.tensor([st for _, _, st in splits]).to(dev, non_blocking=True).view(-1, 1)
+        n_t = torch.tensor([c for _, c, _ in splits]).to(dev, non_blocking=True).view(-1, 1)
+        target = rest & (rank % step == 0) & (rank // step < n_t)
+        others = rest & ~target & (n_t > 0)  # no contextual token: the rest is dropped outright
+        metric = segment_features(bt.keys if bt.keys is not None else bt.features, index, owner).float()
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        sim = (metric @ metric.transpose(1, 2)).masked_fill(~target.unsqueeze(1), float("-inf"))
+        near = sim.argmax(-1)
+        count = torch.zeros(len(ks), m + 1, device=dev).scatter_add_(1, torch.where(others, near, m),
+                                                                      others.float())[:, :m].clamp(min=1)
+        weight = torch.where(others, 1.0 / torch.gather(count, 1, near), 1.0)
+        rep_pos = torch.where(others, near, torch.where(dom | target, torch.arange(m, device=dev), -1))
+        rep_slot = torch.where(rep_pos >= 0, torch.gather(index, 1, rep_pos.clamp(min=0)), -1)
+        keep = keep_from_rows(mask_positions(dom | target, max(ks, default=0)), index, owner, ks, b, n)
+        assign = position_in_keep(keep, rows_to_batch(rep_slot, index, owner, b, n, fill=-1), n)
+        return BatchPlan(keep, assign, rows_to_batch(weight, index, owner, b, n, fill=0.0),
+                         scores=rows_to_batch(score, index, owner, b, n, fill=0.0), reduce="sum",
+                         counts=counts, totals=totals)
 
 
 class PruMergePlus(Policy):
