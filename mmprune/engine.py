@@ -1,4 +1,17 @@
-"""The stage machinery shared by every model family: hooks, per-forward state, index bookkeeping.
+"""The stage machinery shared by every model family: the hooks, and the order in which the seams run.
+
+The work is split by seam, one module each: ``locate`` (where each sample's visual tokens sit, and how
+they split into images / videos), ``select`` (a stage's policy over the batch: ``select_batch``, a cached
+data-free plan, or the per-sample slow path), ``apply`` (the batched working state ``Run``: drop, merge,
+re-pad, positions, masks, groups) and ``decode`` (the pruned prompt through ``generate``'s cache, and the
+masks of pruned layers). This module installs the hooks and calls them in order.
+
+On a GPU the hot path never waits for the host (issue 19): every width comes from host mirrors of the
+per-sample counts (fixed-budget policies know them before any data is read), bookkeeping is gathers and
+scatters, traces convert to host lists only when read, and the one read a batch needs (the host copy of
+``input_ids``, to split items over samples) starts before the vision tower is queued.
+``benchmarks/sync_audit.py`` lists what each policy still costs; ``tests/test_batched.py`` holds the
+ported ones at zero.
 
 How a wrapped forward runs (see shared/DESIGN.md, "The three seams"):
 
@@ -12,8 +25,9 @@ How a wrapped forward runs (see shared/DESIGN.md, "The three seams"):
    read as packed sequences by transformers). During decode it swaps the pruned prompt's columns into
    the full-length mask that ``generate`` grows.
 3. Pre-hooks on decoder layers ``>= K`` run the in-LLM stages: rows of hidden states, (cos, sin),
-   position ids and a mask rebuilt for the shorter rows with transformers' own ``create_causal_mask``
-   (``layer_idx`` makes it read that layer's cache length, since DynamicCache layers < K stay longer).
+   position ids and a mask for the shorter rows (SDPA: built here, see ``decode``; otherwise
+   transformers' own ``create_causal_mask``, whose ``layer_idx`` makes it read that layer's cache length,
+   since DynamicCache layers < K stay longer).
 4. A post-hook on the language model scatters the survivors back to full length, dropped rows carrying
    the state they had when dropped (through the final norm), so ``logits`` keep the input's length and
    ``labels`` work unchanged.
@@ -38,7 +52,6 @@ generations, never see each other's state.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -46,47 +59,20 @@ from typing import Any
 
 import torch
 
-from .apply import Run, apply_plan, gather_rows, stage_trace
+from .apply import Run, gather_rows
 from .attention import attention_probs, pagerank_importance, rotary_keys
+from .decode import DecodeMixin, SeqState, _cache_of
 from .kernels import scatter_tokens
 from .locate import HostCopy, locate, prefetch_ids
-from .policies.base import Plan, Tokens, resolve_budget
-from .policies.batch import BatchPlan, BatchTokens
-from .syncs import host_side
+from .select import SelectMixin, _stack_left
 from .traces import Trace
 
 _IDS = itertools.count()
-
-
-def _cache_of(kwargs: dict):
-    """The KV cache a forward call was given: inside the language model transformers < 5.24 names it
-    ``past_key_values``, 5.24 ``cache`` (the top-level model still takes ``past_key_values``)."""
-    cache = kwargs.get("cache")
-    return kwargs.get("past_key_values") if cache is None else cache
-
-
-@functools.cache
-def _cache_kw(fn) -> str:
-    """The name ``create_causal_mask`` (or the sliding-window one) takes the cache under (5.24: ``cache``)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
-
 
 # Signals captured in the vision tower (adapter.vision_capture), per visual token.
 VISION_SIGNALS = ("cls_attn", "keys", "cls_sim", "tome_groups", "tower_cls", "next_cls_attn", "next_keys", "tower_assign")
 # Signals read at decoder layer K-1 (the score hook on its attention module).
 LLM_SIGNALS = ("attn", "text_attn", "llm_keys", "pagerank")
-
-
-def _stack_left(rows: list[torch.Tensor], device) -> torch.Tensor:
-    """Stack per-sample row lists into ``[B, P]``, left-padded with -1 (the slow path's question rows)."""
-    p = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), p), -1, dtype=torch.long, device=device)
-    for b, r in enumerate(rows):
-        if len(r):
-            out[b, p - len(r) :] = r.to(device)
-    return out
 
 
 def _layer_counts(run: Run) -> list:
@@ -116,17 +102,7 @@ class CallCtx:
     keep_full: bool = True  # False when only the last logits are used (generate): skip the scatter-back
 
 
-@dataclass
-class SeqState:
-    """What decoding needs to know about a pruned prompt; stored on the cache object."""
-
-    owner: int
-    full_len: int  # L0: prompt length before pruning
-    index0: torch.Tensor  # [B, P] original column of each pre-LLM row (-1 = pad)
-    stage_masks: dict = field(default_factory=dict)  # layer -> [B, P_K] 2-D mask of the prompt at layer K
-
-
-class Engine:
+class Engine(SelectMixin, DecodeMixin):
     """Installs and runs the stages of one wrap on one model instance."""
 
     def __init__(self, model, adapter, stages: list[Stage]):
@@ -398,32 +374,6 @@ class Engine:
             cache._mmprune.index0 = run.orig.clone()
         return args, kwargs
 
-    def _lm_decode(self, args, kwargs):
-        state, cache = self.decode_state, _cache_of(kwargs)
-        mask = kwargs.get("attention_mask")
-        ref = kwargs.get("inputs_embeds")
-        q = ref.shape[1]
-        p = state.index0.shape[1]
-        cached = cache.get_seq_length()
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            if mask.shape[1] == state.full_len + (cached - p) + q:
-                if kwargs.get("position_ids") is None:
-                    kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
-                prompt = gather_rows(mask[:, : state.full_len], state.index0, 1)
-                mask = torch.cat([prompt, mask[:, state.full_len :]], dim=1)
-                kwargs["attention_mask"] = mask
-            elif mask.shape[1] != cached + q:
-                raise ValueError(
-                    f"attention_mask has {mask.shape[1]} columns; with a pruned prompt of {state.full_len} tokens "
-                    f"expected {state.full_len + cached - p + q} (full length) or {cached + q} (pruned length)"
-                )
-        self.decode_lm_mask = mask
-        if self.call.synth_mask and state.index0.shape[0] == 1 and kwargs.get("position_ids") is not None:
-            # batch 1 without a caller's mask has no padding: hand the LM None (what the unwrapped model gets),
-            # not our all-ones mask, whose padding check (``padding_mask.all()``) syncs every step
-            kwargs["attention_mask"] = None
-        return args, kwargs
-
     def _lm_post(self, module, args, kwargs, output):
         run = self.run
         if run is None or not self.enabled:
@@ -505,64 +455,6 @@ class Engine:
         kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _layer_decode(self, i, args, kwargs, hidden):
-        state = self.decode_state
-        active = [s.layer for s in self.llm_stages if s.layer <= i and s.layer in state.stage_masks]
-        if not active:
-            return None
-        k = active[-1]
-        ltype = self.adapter.layer_type(i)
-        key = (k, ltype)
-        if key not in self.decode_masks:
-            lm_mask = self.decode_lm_mask
-            p = state.index0.shape[1]
-            prompt = state.stage_masks[k]
-            if lm_mask is None:  # the top-level hook synthesises one, so only a direct LM call lands here
-                raise ValueError("decoding after in-LLM pruning needs a 2-D attention_mask; got None")
-            mask2d = torch.cat([prompt.to(lm_mask.device, lm_mask.dtype), lm_mask[:, p:]], dim=1)
-            cache = _cache_of(kwargs)
-            if hidden.shape[1] == 1 and self._own_masks(ltype, cache):  # one query sees every cached key
-                self.decode_masks[key] = mask2d.bool()[:, None, None, :]
-            else:
-                self.decode_masks[key] = self._make_mask(hidden, mask2d, cache, i, ltype)
-        kwargs["attention_mask"] = self.decode_masks[key]
-        return args, kwargs
-
-    def _own_masks(self, layer_type, cache) -> bool:
-        """Whether the engine builds a pruned layer's mask itself: SDPA, full attention, a dynamic (or no)
-        cache. transformers' ``create_causal_mask`` first asks ``padding_mask.all()`` to pick SDPA's
-        ``is_causal`` path, a host sync per call; these masks are plain tensor algebra instead."""
-        impl = getattr(self.lm.config, "_attn_implementation", None)
-        return impl == "sdpa" and layer_type == "full_attention" and (cache is None or type(cache).__name__ == "DynamicCache")
-
-    def _prefill_mask(self, run: Run, hidden, layer_idx, layer_type, given):
-        """The mask of a pruned layer's rows at prefill. Where transformers passed None for the LM input
-        (no padding: SDPA's ``is_causal``) and the drop left every sample the same length, None again;
-        otherwise causal AND key-valid as a boolean ``[B, 1, P, P]`` (pad rows see themselves, so no row
-        of SDPA's softmax is empty)."""
-        if not self._own_masks(layer_type, run.cache):
-            return self._make_mask(hidden, run.mask2d, run.cache, layer_idx, layer_type)
-        if given is None and len(set(run.nrows)) == 1:
-            return None
-        p = run.mask2d.shape[1]
-        ar = torch.arange(p, device=run.mask2d.device)
-        causal = ar.view(1, p) <= ar.view(p, 1)
-        mask = (causal.unsqueeze(0) & run.mask2d.bool().unsqueeze(1)) | torch.eye(p, dtype=torch.bool, device=ar.device)
-        return mask.unsqueeze(1)
-
-    def _make_mask(self, hidden, mask2d, cache, layer_idx, layer_type):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        fn = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
-        return fn(
-            config=self.lm.config,
-            inputs_embeds=hidden,
-            attention_mask=mask2d,
-            **{_cache_kw(fn): cache},
-            position_ids=None,
-            layer_idx=layer_idx,
-        )
-
     def _score_hook(self, layer: int, needs: tuple):
         """Pre-hook on layer K-1's attention module: the signals of the stage at K, from K-1's q/k (FastV)."""
 
@@ -597,207 +489,3 @@ class Engine:
             sig["llm_keys"] = rotary_keys(attn, hidden, pe).permute(0, 2, 1, 3).flatten(2)  # [B, P, H_kv * hd]
         run.trace.signal_seconds += time.perf_counter() - t0
         return sig
-
-    @staticmethod
-    def _question_rows(run: Run, b: int) -> torch.Tensor:
-        """Current rows of sample b's question: valid text rows after its last visual row (else all text)."""
-        valid = run.mask2d[b].bool().clone()
-        vis = run.vis_rows[b]
-        valid[vis] = False
-        rows = valid.nonzero().flatten()
-        if len(vis) and len(rows):
-            after = rows[rows > vis.max()]
-            if len(after):
-                return after
-        return rows
-
-    # ------------------------------------------------------------------ one stage
-    def _apply_stage(self, stage: Stage, run: Run, feats: torch.Tensor, scores=None):
-        """Select (batched, data-free or per sample), merge if planned, drop rows; returns (feats of the
-        survivors, index into the old rows)."""
-        policy = stage.policy
-        before = list(run.totals)
-        t0 = time.perf_counter()
-        plan = None
-        if getattr(policy, "batched", False):
-            plan = policy.select_batch(self._batch_tokens(stage, run, feats, scores or {}))
-        if plan is not None:
-            totals = plan.totals if plan.totals is not None else [len(k) for k in self._host_keep(plan)]
-        elif getattr(policy, "data_free", False) and not run.changed and not run.merged:
-            plan, totals = self._data_free_plan(stage, run, feats.device)
-        else:
-            plan, totals = self._per_sample_plan(stage, run, feats, scores or {})
-        seconds = time.perf_counter() - t0
-        run.merged = run.merged or plan.assign is not None
-        out, index = apply_plan(run, plan, feats, totals)
-        run.trace.stages.append(stage_trace(policy.name, stage.layer, plan, before, totals, seconds))
-        return out, index
-
-    @staticmethod
-    def _host_keep(plan: BatchPlan) -> list:
-        """Adaptive counts: read the plan's keep once (the documented sync of adaptive policies)."""
-        keep = plan.keep.cpu()
-        return [k[k >= 0] for k in keep]
-
-    def _batch_tokens(self, stage: Stage, run: Run, feats, scores: dict) -> BatchTokens:
-        """The batch's visual tokens as padded tensors (native ``select_batch`` policies)."""
-        counts = run.seg_counts()
-        budgets = [[resolve_budget(stage.config.budget, c) if c else 0 for c in cs] for cs in counts]
-        signals = {}
-        if scores.get("attn") is not None:
-            signals["attn"] = torch.where(run.rows >= 0, torch.gather(scores["attn"], 1, run.rows.clamp(min=0)), 0.0)
-        for name in self.vision_signals:
-            if name in stage.policy.signals:
-                signals[name] = self._batched_signal(run, name)
-        valid = run.vid >= 0
-        return BatchTokens(
-            features=gather_rows(feats, run.rows, 1), valid=valid, segment=run.seg,
-            pos=torch.where(valid, torch.gather(run.pos0, 1, run.vid.clamp(min=0)), 0), sizes=run.sizes(),
-            counts=counts, budgets=budgets, origin=run.origin, grids=run.grids, layer=stage.layer, signals=signals,
-        )
-
-    @staticmethod
-    def _batched_signal(run: Run, name: str):
-        """A vision signal for the surviving slots, ``[B, N, ...]`` (zero padded); None unless every sample
-        with visual tokens has it (then the policy's fallback applies, as per sample)."""
-        parts = [sig.get(name) for sig in run.vsig]
-        if any(p is None and n for p, n in zip(parts, run.totals)) or all(p is None for p in parts):
-            return None
-        ref = next(p for p in parts if p is not None)
-        v0 = run.rep.shape[1]
-        out = ref.new_zeros(len(parts), v0, *ref.shape[1:])
-        for b, p in enumerate(parts):  # per-sample tensors of host-known lengths: copies, no read
-            if p is not None:
-                out[b, : p.shape[0]] = p
-        idx = run.vid.clamp(min=0)
-        return torch.gather(out, 1, idx.view(*idx.shape, *([1] * (out.dim() - 2))).expand(*idx.shape, *out.shape[2:]))
-
-    def _data_free_plan(self, stage: Stage, run: Run, dev):
-        """Plans that depend only on the layout (counts, budgets, grids): computed once on the host by the
-        policy's own ``select``, cached per layout and device, reused without touching the device."""
-        counts = run.seg_counts()
-        key = (stage.config.budget, str(dev), tuple(tuple(c) for c in counts), tuple(tuple(g) for g in run.grids))
-        cache = stage.policy.__dict__.setdefault("_plan_cache", {})
-        hit = cache.get(key)
-        if hit is None:
-            with host_side():
-                plans, ns = [], []
-                for b, cs in enumerate(counts):
-                    n = sum(cs)
-                    ns.append(n)
-                    if not n:
-                        plans.append(None)
-                        continue
-                    tok = Tokens(torch.zeros(n, 0), list(cs), [resolve_budget(stage.config.budget, c) for c in cs],
-                                 grids=list(run.grids[b]), layer=stage.layer, origin=list(run.origin[b]))
-                    plan = stage.policy.select(tok)
-                    self._check_plan(stage, plan, n)
-                    plans.append(plan)
-                batch = BatchPlan.stack(plans, ns)
-                batch.counts = _plan_counts(plans, counts)
-                hit = (batch.to(dev), batch.totals)
-            if len(cache) > 64:
-                cache.clear()
-            cache[key] = hit
-        return hit
-
-    def _per_sample_plan(self, stage: Stage, run: Run, feats, scores: dict):
-        """The slow path: each sample's ``Tokens``, the policy's per-sample ``select`` (custom policies and
-        those without a batched port; syncs)."""
-        sigs = set(stage.policy.signals)
-        counts = run.seg_counts()
-        plans, ns = [], []
-        for i in range(len(run.totals)):
-            n = run.totals[i]
-            ns.append(n)
-            if not n:
-                plans.append(None)
-                continue
-            tok = self._tokens(stage, run, i, feats, counts[i], scores, sigs)
-            plan: Plan = stage.policy.select(tok)
-            self._check_plan(stage, plan, n)
-            plans.append(plan)
-        batch = BatchPlan.stack(plans, ns)
-        batch.counts = _plan_counts(plans, counts, [run.seg[i, :n].cpu() for i, n in enumerate(ns)])
-        return batch.to(feats.device), batch.totals
-
-    def _tokens(self, stage, run: Run, i: int, feats, counts, scores: dict, sigs: set) -> Tokens:
-        """The ``Tokens`` view of sample i's visual rows, with the signals the stage's policy declared."""
-        n = run.totals[i]
-        rows, ids = run.rows[i, :n], run.vid[i, :n]
-        text = question = None
-        seq = run.mask2d[i].long().cumsum(0) - 1  # row -> index in the sample's unpadded current sequence
-        extra = {"rows": seq[rows].cpu()}
-        q_rows = self._question_rows(run, i) if sigs & {"question", "llm_keys", "final_norm", "input_embeds"} else None
-        if "text" in sigs or "question" in sigs:
-            t = run.mask2d[i].bool().clone()
-            t[rows] = False
-            text = feats[i][t]
-            if "question" in sigs:
-                question = feats[i][q_rows]
-        if q_rows is not None:
-            extra["question_rows"] = seq[q_rows].cpu()
-        if "input_embeds" in sigs and run.embeds0 is not None:  # SparseVLM's raters: the LM-input embeddings
-            extra["visual_embeds"] = run.embeds0[i, run.cols0[i, : sum(run.origin[i])]]
-            extra["question_embeds"] = run.embeds0[i, run.orig[i, q_rows]]
-        if "final_norm" in sigs and stage.layer is not None:  # DART's cosine space: the LM's final norm
-            norm = self.adapter.final_norm()
-            extra["normed"], extra["question_normed"] = norm(feats[i, rows]), norm(feats[i, q_rows])
-        for name in self.vision_signals:
-            if name in sigs and run.vsig[i].get(name) is not None:
-                extra[name] = run.vsig[i][name][ids.to(run.vsig[i][name].device)]
-        attn = scores.get("attn")
-        if "text_attn" in sigs and scores.get("text_attn") is not None:
-            q_rows = scores["text_rows"][i]
-            ta = scores["text_attn"][i][q_rows >= 0]  # [Q, P]
-            extra["text_attn"] = ta[:, rows]
-        if "pagerank" in sigs and scores.get("pagerank") is not None:
-            extra["pagerank"] = scores["pagerank"][i, rows]
-        if "llm_keys" in sigs and scores.get("llm_keys") is not None:
-            extra["llm_keys"] = scores["llm_keys"][i, rows]
-            extra["question_keys"] = scores["llm_keys"][i, q_rows]
-        return Tokens(
-            features=feats[i, rows],
-            segments=list(counts),
-            budgets=[resolve_budget(stage.config.budget, c) for c in counts],
-            grids=list(run.grids[i]),
-            attn=None if attn is None else attn[i, rows],
-            text=text if "text" in sigs else None,
-            question=question,
-            layer=stage.layer,
-            pos=run.pos0[i][ids].cpu(),
-            sizes=run.sizes()[i, :n].cpu(),
-            origin=list(run.origin[i]),
-            **extra,
-        )
-
-    @staticmethod
-    def _check_plan(stage, plan: Plan, n: int) -> None:
-        keep = plan.keep.long().cpu()
-        bad = len(keep) and (keep.min() < 0 or keep.max() >= n or not bool((keep[1:] > keep[:-1]).all()))
-        bad = bad or plan.reduce not in ("mean", "sum")
-        bad = bad or (plan.combine is not None and (plan.assign is None or tuple(plan.combine.shape) != (len(keep), n)))
-        if plan.assign is not None and not bad:
-            a = plan.assign.long().cpu()
-            bad = a.shape != (n,) or a.max() >= len(keep) or not torch.equal(a[keep], torch.arange(len(keep)))
-        if bad:
-            raise ValueError(f"policy {stage.policy.name!r} returned an invalid plan: keep must be sorted unique "
-                             "indices < n, assign [n] must map kept tokens to their own position, reduce "
-                             "must be 'mean' or 'sum', and combine (with assign) must be [len(keep), n]")
-
-
-def _plan_counts(plans: list, counts: list, segs: list | None = None) -> list:
-    """Host mirror of how many tokens each segment keeps after per-sample plans (host tensors)."""
-    out = []
-    for b, (plan, cs) in enumerate(zip(plans, counts)):
-        if plan is None:
-            out.append([0] * len(cs))
-            continue
-        keep = plan.keep.long().cpu()
-        if segs is None:  # data-free: contiguous segments in order
-            bounds = torch.tensor(list(itertools.accumulate(cs)))
-            seg = torch.bucketize(keep, bounds, right=True)
-        else:
-            seg = segs[b][keep]
-        out.append(torch.bincount(seg, minlength=len(cs)).tolist() if len(cs) else [])
-    return out

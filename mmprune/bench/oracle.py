@@ -73,7 +73,7 @@ class OracleCut:
     def _layer_mask(self, i: int, layer_type: str):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        from ..engine import _cache_kw
+        from ..decode import _cache_kw
 
         fn = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
         x = torch.zeros(len(self.counts[i]), self.rows[i], 1, device=self.dev, dtype=self.dtype)

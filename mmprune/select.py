@@ -1,0 +1,239 @@
+"""Select: run a stage's policy over the batch and get one ``BatchPlan``.
+
+Three routes, fastest first (``mmprune.policies.batch``): a policy's own ``select_batch`` on padded device
+tensors; a data-free policy's plan, computed once per layout on the host and cached; or the per-sample
+``select(Tokens)`` (custom policies, and those not ported yet), whose ``Tokens`` views this module builds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from .apply import Run, apply_plan, gather_rows, stage_trace
+from .policies.base import Plan, Tokens, resolve_budget
+from .policies.batch import BatchPlan, BatchTokens
+from .syncs import host_side
+
+if TYPE_CHECKING:
+    from .engine import Stage
+
+
+def _stack_left(rows: list[torch.Tensor], device) -> torch.Tensor:
+    """Stack per-sample row lists into ``[B, P]``, left-padded with -1 (the slow path's question rows)."""
+    p = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), p), -1, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        if len(r):
+            out[b, p - len(r) :] = r.to(device)
+    return out
+
+
+def _plan_counts(plans: list, counts: list, segs: list | None = None) -> list:
+    """Host mirror of how many tokens each segment keeps after per-sample plans (host tensors)."""
+    out = []
+    for b, (plan, cs) in enumerate(zip(plans, counts)):
+        if plan is None:
+            out.append([0] * len(cs))
+            continue
+        keep = plan.keep.long().cpu()
+        if segs is None:  # data-free: contiguous segments in order
+            bounds = torch.tensor(list(itertools.accumulate(cs)))
+            seg = torch.bucketize(keep, bounds, right=True)
+        else:
+            seg = segs[b][keep]
+        out.append(torch.bincount(seg, minlength=len(cs)).tolist() if len(cs) else [])
+    return out
+
+
+class SelectMixin:
+    """The engine's stage methods: select, then ``apply.apply_plan`` (mixed into ``Engine``)."""
+
+    @staticmethod
+    def _question_rows(run: Run, b: int) -> torch.Tensor:
+        """Current rows of sample b's question: valid text rows after its last visual row (else all text)."""
+        valid = run.mask2d[b].bool().clone()
+        vis = run.vis_rows[b]
+        valid[vis] = False
+        rows = valid.nonzero().flatten()
+        if len(vis) and len(rows):
+            after = rows[rows > vis.max()]
+            if len(after):
+                return after
+        return rows
+
+    def _apply_stage(self, stage: Stage, run: Run, feats: torch.Tensor, scores=None):
+        """Select (batched, data-free or per sample), merge if planned, drop rows; returns (feats of the
+        survivors, index into the old rows)."""
+        policy = stage.policy
+        before = list(run.totals)
+        t0 = time.perf_counter()
+        plan = None
+        if getattr(policy, "batched", False):
+            plan = policy.select_batch(self._batch_tokens(stage, run, feats, scores or {}))
+        if plan is not None:
+            totals = plan.totals if plan.totals is not None else [len(k) for k in self._host_keep(plan)]
+        elif getattr(policy, "data_free", False) and not run.changed and not run.merged:
+            plan, totals = self._data_free_plan(stage, run, feats.device)
+        else:
+            plan, totals = self._per_sample_plan(stage, run, feats, scores or {})
+        seconds = time.perf_counter() - t0
+        run.merged = run.merged or plan.assign is not None
+        out, index = apply_plan(run, plan, feats, totals)
+        run.trace.stages.append(stage_trace(policy.name, stage.layer, plan, before, totals, seconds))
+        return out, index
+
+    @staticmethod
+    def _host_keep(plan: BatchPlan) -> list:
+        """Adaptive counts: read the plan's keep once (the documented sync of adaptive policies)."""
+        keep = plan.keep.cpu()
+        return [k[k >= 0] for k in keep]
+
+    def _batch_tokens(self, stage: Stage, run: Run, feats, scores: dict) -> BatchTokens:
+        """The batch's visual tokens as padded tensors (native ``select_batch`` policies)."""
+        counts = run.seg_counts()
+        budgets = [[resolve_budget(stage.config.budget, c) if c else 0 for c in cs] for cs in counts]
+        signals = {}
+        if scores.get("attn") is not None:
+            signals["attn"] = torch.where(run.rows >= 0, torch.gather(scores["attn"], 1, run.rows.clamp(min=0)), 0.0)
+        for name in self.vision_signals:
+            if name in stage.policy.signals:
+                signals[name] = self._batched_signal(run, name)
+        valid = run.vid >= 0
+        return BatchTokens(
+            features=gather_rows(feats, run.rows, 1), valid=valid, segment=run.seg,
+            pos=torch.where(valid, torch.gather(run.pos0, 1, run.vid.clamp(min=0)), 0), sizes=run.sizes(),
+            counts=counts, budgets=budgets, origin=run.origin, grids=run.grids, layer=stage.layer, signals=signals,
+        )
+
+    @staticmethod
+    def _batched_signal(run: Run, name: str):
+        """A vision signal for the surviving slots, ``[B, N, ...]`` (zero padded); None unless every sample
+        with visual tokens has it (then the policy's fallback applies, as per sample)."""
+        parts = [sig.get(name) for sig in run.vsig]
+        if any(p is None and n for p, n in zip(parts, run.totals)) or all(p is None for p in parts):
+            return None
+        ref = next(p for p in parts if p is not None)
+        v0 = run.rep.shape[1]
+        out = ref.new_zeros(len(parts), v0, *ref.shape[1:])
+        for b, p in enumerate(parts):  # per-sample tensors of host-known lengths: copies, no read
+            if p is not None:
+                out[b, : p.shape[0]] = p
+        idx = run.vid.clamp(min=0)
+        return torch.gather(out, 1, idx.view(*idx.shape, *([1] * (out.dim() - 2))).expand(*idx.shape, *out.shape[2:]))
+
+    def _data_free_plan(self, stage: Stage, run: Run, dev):
+        """Plans that depend only on the layout (counts, budgets, grids): computed once on the host by the
+        policy's own ``select``, cached per layout and device, reused without touching the device."""
+        counts = run.seg_counts()
+        key = (stage.config.budget, str(dev), tuple(tuple(c) for c in counts), tuple(tuple(g) for g in run.grids))
+        cache = stage.policy.__dict__.setdefault("_plan_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            with host_side():
+                plans, ns = [], []
+                for b, cs in enumerate(counts):
+                    n = sum(cs)
+                    ns.append(n)
+                    if not n:
+                        plans.append(None)
+                        continue
+                    tok = Tokens(torch.zeros(n, 0), list(cs), [resolve_budget(stage.config.budget, c) for c in cs],
+                                 grids=list(run.grids[b]), layer=stage.layer, origin=list(run.origin[b]))
+                    plan = stage.policy.select(tok)
+                    self._check_plan(stage, plan, n)
+                    plans.append(plan)
+                batch = BatchPlan.stack(plans, ns)
+                batch.counts = _plan_counts(plans, counts)
+                hit = (batch.to(dev), batch.totals)
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = hit
+        return hit
+
+    def _per_sample_plan(self, stage: Stage, run: Run, feats, scores: dict):
+        """The slow path: each sample's ``Tokens``, the policy's per-sample ``select`` (custom policies and
+        those without a batched port; syncs)."""
+        sigs = set(stage.policy.signals)
+        counts = run.seg_counts()
+        plans, ns = [], []
+        for i in range(len(run.totals)):
+            n = run.totals[i]
+            ns.append(n)
+            if not n:
+                plans.append(None)
+                continue
+            tok = self._tokens(stage, run, i, feats, counts[i], scores, sigs)
+            plan: Plan = stage.policy.select(tok)
+            self._check_plan(stage, plan, n)
+            plans.append(plan)
+        batch = BatchPlan.stack(plans, ns)
+        batch.counts = _plan_counts(plans, counts, [run.seg[i, :n].cpu() for i, n in enumerate(ns)])
+        return batch.to(feats.device), batch.totals
+
+    def _tokens(self, stage, run: Run, i: int, feats, counts, scores: dict, sigs: set) -> Tokens:
+        """The ``Tokens`` view of sample i's visual rows, with the signals the stage's policy declared."""
+        n = run.totals[i]
+        rows, ids = run.rows[i, :n], run.vid[i, :n]
+        text = question = None
+        seq = run.mask2d[i].long().cumsum(0) - 1  # row -> index in the sample's unpadded current sequence
+        extra = {"rows": seq[rows].cpu()}
+        q_rows = self._question_rows(run, i) if sigs & {"question", "llm_keys", "final_norm", "input_embeds"} else None
+        if "text" in sigs or "question" in sigs:
+            t = run.mask2d[i].bool().clone()
+            t[rows] = False
+            text = feats[i][t]
+            if "question" in sigs:
+                question = feats[i][q_rows]
+        if q_rows is not None:
+            extra["question_rows"] = seq[q_rows].cpu()
+        if "input_embeds" in sigs and run.embeds0 is not None:  # SparseVLM's raters: the LM-input embeddings
+            extra["visual_embeds"] = run.embeds0[i, run.cols0[i, : sum(run.origin[i])]]
+            extra["question_embeds"] = run.embeds0[i, run.orig[i, q_rows]]
+        if "final_norm" in sigs and stage.layer is not None:  # DART's cosine space: the LM's final norm
+            norm = self.adapter.final_norm()
+            extra["normed"], extra["question_normed"] = norm(feats[i, rows]), norm(feats[i, q_rows])
+        for name in self.vision_signals:
+            if name in sigs and run.vsig[i].get(name) is not None:
+                extra[name] = run.vsig[i][name][ids.to(run.vsig[i][name].device)]
+        attn = scores.get("attn")
+        if "text_attn" in sigs and scores.get("text_attn") is not None:
+            q_rows = scores["text_rows"][i]
+            ta = scores["text_attn"][i][q_rows >= 0]  # [Q, P]
+            extra["text_attn"] = ta[:, rows]
+        if "pagerank" in sigs and scores.get("pagerank") is not None:
+            extra["pagerank"] = scores["pagerank"][i, rows]
+        if "llm_keys" in sigs and scores.get("llm_keys") is not None:
+            extra["llm_keys"] = scores["llm_keys"][i, rows]
+            extra["question_keys"] = scores["llm_keys"][i, q_rows]
+        return Tokens(
+            features=feats[i, rows],
+            segments=list(counts),
+            budgets=[resolve_budget(stage.config.budget, c) for c in counts],
+            grids=list(run.grids[i]),
+            attn=None if attn is None else attn[i, rows],
+            text=text if "text" in sigs else None,
+            question=question,
+            layer=stage.layer,
+            pos=run.pos0[i][ids].cpu(),
+            sizes=run.sizes()[i, :n].cpu(),
+            origin=list(run.origin[i]),
+            **extra,
+        )
+
+    @staticmethod
+    def _check_plan(stage, plan: Plan, n: int) -> None:
+        keep = plan.keep.long().cpu()
+        bad = len(keep) and (keep.min() < 0 or keep.max() >= n or not bool((keep[1:] > keep[:-1]).all()))
+        bad = bad or plan.reduce not in ("mean", "sum")
+        bad = bad or (plan.combine is not None and (plan.assign is None or tuple(plan.combine.shape) != (len(keep), n)))
+        if plan.assign is not None and not bad:
+            a = plan.assign.long().cpu()
+            bad = a.shape != (n,) or a.max() >= len(keep) or not torch.equal(a[keep], torch.arange(len(keep)))
+        if bad:
+            raise ValueError(f"policy {stage.policy.name!r} returned an invalid plan: keep must be sorted unique "
+                             "indices < n, assign [n] must map kept tokens to their own position, reduce "
+                             "must be 'mean' or 'sum', and combine (with assign) must be [len(keep), n]")
