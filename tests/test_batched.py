@@ -80,7 +80,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 
 # ----------------------------------------------------------------------------- engine: fast == slow
-FAST = ["uniform", "random", "pool", "none", "fastv", "pyramiddrop", "divprune", "visionzip"]
+FAST = ["uniform", "random", "pool", "none", "fastv", "pyramiddrop", "divprune", "visionzip", "tome"]
 
 
 def _slow(monkeypatch, name):
@@ -113,7 +113,7 @@ def test_fast_paths_equal_the_per_sample_path(monkeypatch, family, name, dtype):
 
 
 # ----------------------------------------------------------------------------- zero host syncs
-SYNC_FREE = ["uniform", "random", "fastv", "pool", "pyramiddrop", "divprune", "visionzip"]
+SYNC_FREE = ["uniform", "random", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome"]
 BATCHES = {1: ([[1]], [5]), 3: ([[1], [1], [1]], [5, 2, 3])}
 
 
@@ -223,6 +223,19 @@ def _same_plan(batch_plan, b, ref, n):
 def test_visionzip_batched_equals_per_sample(layouts, budget, cls, keys, options):
     toks = _zip_tokens(5, layouts, budget, cls, keys)
     pol = get_policy("visionzip")(**options)
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        _same_plan(plan, b, ref, t.n)
+        assert plan.totals[b] == len(ref.keep)
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS + [[[16, 16], [16], [9, 16]]])
+@pytest.mark.parametrize("budget", [0.3, 0.1, 5, 1.0])
+@pytest.mark.parametrize("keys", [True, False])
+def test_tome_batched_equals_per_sample(layouts, budget, keys):
+    toks = _zip_tokens(6, layouts, budget, cls=False, keys=keys)
+    pol = get_policy("tome")()
     plan = pol.select_batch(BatchTokens.from_tokens(toks))
     for b, t in enumerate(toks):
         ref = pol.select(t)

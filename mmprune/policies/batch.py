@@ -332,3 +332,55 @@ def attention_received_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     att = torch.softmax(logits.masked_fill(~valid.unsqueeze(1), float("-inf")), dim=-1)
     att = att.masked_fill(~valid.unsqueeze(2), 0.0)
     return att.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+
+
+def _tome_merge_rows(x: torch.Tensor, idx) -> torch.Tensor:
+    """ToMe's ``merge`` closure (sum) on ``x [G, t, c]``: ``[A unmerged, B with the merged A rows added]``."""
+    unm_idx, src_idx, dst_idx = idx
+    src, dst = x[:, 0::2], x[:, 1::2]
+    w = x.shape[-1]
+    moved = torch.gather(src, 1, src_idx.unsqueeze(-1).expand(-1, -1, w))
+    dst = dst.scatter_reduce(1, dst_idx.unsqueeze(-1).expand(-1, -1, w), moved, reduce="sum")
+    return torch.cat([torch.gather(src, 1, unm_idx.unsqueeze(-1).expand(-1, -1, w)), dst], 1)
+
+
+def bipartite_rows(metric: torch.Tensor, sizes: torch.Tensor, k: int):
+    """``_ops.bipartite_merge`` (ToMe's ``bipartite_soft_matching`` + ``merge_wavg``, size mode, nothing
+    protected) for ``G`` rows of the same length at once, as the official code batches images: rounds of
+    ``r = min(t - k, t // 2)`` merges (host counts) until ``k`` remain. Returns ``(keep [G, k], assign [G, n],
+    weight [G, n])`` as there. Ties in the match scores go to the lower index (a stable sort)."""
+    g, n, c = metric.shape
+    dev = metric.device
+    m = metric.float()
+    size = sizes.float()
+    ids = torch.arange(n, device=dev).expand(g, n)
+    row = ids
+    t = n
+    while t > k:
+        r = min(t - k, t // 2)
+        if r <= 0:
+            break
+        mn = m / m.norm(dim=-1, keepdim=True)
+        scores = mn[:, 0::2] @ mn[:, 1::2].transpose(1, 2)
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
+        unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+        dst_idx = torch.gather(node_idx, 1, src_idx)
+
+        idx = (unm_idx, src_idx, dst_idx)
+        msum = _tome_merge_rows(m * size.unsqueeze(-1), idx)
+        size = _tome_merge_rows(size.unsqueeze(-1), idx)[..., 0]
+        m = msum / size.unsqueeze(-1)
+        tb = t // 2
+        nu = (t + 1) // 2 - r  # A tokens left unmerged
+        new_row = torch.empty(g, t, dtype=torch.long, device=dev)
+        new_row[:, 0::2] = -1
+        new_row.scatter_(1, 2 * unm_idx, torch.arange(nu, device=dev).expand(g, nu))
+        new_row[:, 1::2] = torch.arange(nu, nu + tb, device=dev).expand(g, tb)
+        new_row.scatter_(1, 2 * src_idx, torch.gather(new_row[:, 1::2], 1, dst_idx))
+        row = torch.gather(new_row, 1, row)
+        ids = torch.cat([torch.gather(ids[:, 0::2], 1, unm_idx), ids[:, 1::2]], 1)
+        t = nu + tb
+    keep, order = ids.sort(dim=1)
+    pos = torch.empty_like(order).scatter_(1, order, torch.arange(ids.shape[1], device=dev).expand_as(order))
+    return keep, torch.gather(pos, 1, row), sizes.float()
