@@ -256,7 +256,7 @@ class Engine(SelectMixin, DecodeMixin):
             ctx.visual = self.adapter.visual_mask(ids)
             media = sum(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
             ctx.host_ids = prefetch_ids(ids, media)
-        for name in ("image_grid_thw", "video_grid_thw"):  # Qwen's grids: read on the host for segment grids
+        for name in ("image_grid_thw", "video_grid_thw", "image_sizes"):  # small layout inputs the adapters read
             t = kwargs.get(name)
             if isinstance(t, torch.Tensor):
                 self.adapter.host_copies[name] = (t, HostCopy(t))

@@ -149,6 +149,16 @@ def test_pruned_prefill_and_decode_add_no_host_sync(family, name, b):
     assert not decode, dict(decode)
 
 
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("name", ["uniform", "fastv", "visionzip", "tome"])
+def test_other_families_add_no_host_sync(family, name):
+    m = tiny_model(family)
+    samples, prompts = BATCHES[3]
+    prefill, decode = _added(m, make_inputs(m, samples, prompt_lens=prompts), name)
+    assert not prefill, dict(prefill)
+    assert not decode, dict(decode)
+
+
 @torch.no_grad()
 def test_only_batches_read_the_layout_on_the_host():
     """Batch 1 with one modality: the layout is host data (no read). Batch > 1: one host copy of input_ids,
@@ -241,3 +251,29 @@ def test_tome_batched_equals_per_sample(layouts, budget, keys):
         ref = pol.select(t)
         _same_plan(plan, b, ref, t.n)
         assert plan.totals[b] == len(ref.keep)
+
+
+def test_readme_custom_policy_runs_batched_and_per_sample_alike(monkeypatch):
+    """The README's example policy, verbatim: registered, batched, equal to its per-sample path, no sync."""
+    import re
+    from pathlib import Path
+
+    from mmprune.policies import _REGISTRY
+
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    code = re.search(r"```python\n(from mmprune.policies import register_policy\n.*?)```", readme, re.S).group(1)
+    monkeypatch.setitem(_REGISTRY, "mine", "basic:NoPrune")
+    exec(code, {})
+    m = tiny_model("llava")
+    batch = make_inputs(m, [[1], [1]], prompt_lens=[5, 3])
+    with torch.no_grad():
+        base = count_syncs(lambda: m(**batch)).counts
+        mmprune.wrap(m, "mine", budget=0.25)
+        rec = count_syncs(lambda: m(**batch))
+        fast = m(**batch).logits
+        with monkeypatch.context() as mp:
+            mp.setattr(get_policy("mine"), "batched", False)
+            slow = m(**batch).logits
+        mmprune.unwrap(m)
+    assert not added_syncs(rec.counts, base)
+    assert torch.equal(fast, slow)

@@ -33,6 +33,7 @@ import math
 import torch
 
 from ..policies.base import resolve_budget
+from ..syncs import host_side
 from .base import Adapter, VisionCapture, split_channels
 
 
@@ -380,13 +381,14 @@ class LlavaNextAdapter(LlavaAdapter):
             sizes = args[1]
         if sizes is None:
             raise ValueError("image_sizes unavailable")
-        return sizes
+        return self.host_of("image_sizes", sizes) if isinstance(sizes, torch.Tensor) else sizes
 
     def _tiles(self, sizes, kwargs):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         cfg = self.config
-        return [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
+        with host_side():  # host sizes (the engine's prefetched copy): no device read
+            return [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
 
     def layout_signals(self, modality, sig, args, kwargs):
         sizes = self._image_sizes(args, kwargs)
@@ -401,7 +403,8 @@ class LlavaNextAdapter(LlavaAdapter):
         if "vision_aspect_ratio" in accepted:
             extra["vision_aspect_ratio"] = kwargs.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
         newline = torch.zeros(sig.shape[-1], dtype=sig.dtype, device=sig.device)  # valid = 0
-        packed, _ = pack(list(torch.split(sig, tiles)), sizes, image_newline=newline, **extra)
+        with host_side():  # the packing reads only the host sizes
+            packed, _ = pack(list(torch.split(sig, tiles)), sizes, image_newline=newline, **extra)
         return list(packed)
 
 

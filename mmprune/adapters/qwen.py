@@ -75,15 +75,16 @@ class QwenTowerCapture(VisionCapture):
         m2 = visual.spatial_merge_size**2
         sig = self.rows[0]
         sig = sig.view(sig.shape[0] // m2, m2, -1).mean(1)
+        host = self.adapter.host_of(f"{self.modality}_grid_thw", grid)  # the engine's prefetched copy
         if hasattr(visual, "window_size"):  # Qwen2.5-VL: blocks run in window order
             from transformers.vision_utils import get_vision_window_index
 
-            window_index, _ = get_vision_window_index(
-                grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
-                patch_size=visual.patch_size,
-            )
-            sig = sig[torch.argsort(window_index.to(sig.device))]
-        host = self.adapter.host_of(f"{self.modality}_grid_thw", grid)
+            with host_side():  # the window layout from the host grid: no device read
+                window_index, _ = get_vision_window_index(
+                    host, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+                    patch_size=visual.patch_size,
+                )
+            sig = sig[torch.argsort(window_index).to(sig.device, non_blocking=True)]
         with host_side():
             sizes = (host.prod(-1) // m2).tolist()
         feats = output.pooler_output

@@ -299,8 +299,13 @@ class VisionZip(Policy):
         others = rest & ~target & (n_t > 0)  # no contextual token: the rest is dropped outright
         metric = segment_features(bt.keys if bt.keys is not None else bt.features, index, owner).float()
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        sim = (metric @ metric.transpose(1, 2)).masked_fill(~target.unsqueeze(1), float("-inf"))
-        near = sim.argmax(-1)
+        tpos = mask_positions(target, max((c for _, c, _ in splits), default=0))  # [S, T] targets in order
+        tmetric = torch.gather(metric, 1, tpos.clamp(min=0).unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+        sim = (metric @ tmetric.transpose(1, 2)).masked_fill((tpos < 0).unsqueeze(1), float("-inf"))
+        if tpos.shape[1]:  # rows without a target have no "others" either: their -1 never gets used
+            near = torch.gather(tpos, 1, sim.argmax(-1)).clamp(min=0)
+        else:
+            near = torch.zeros_like(rank)
         count = torch.zeros(len(ks), m + 1, device=dev).scatter_add_(1, torch.where(others, near, m),
                                                                       others.float())[:, :m].clamp(min=1)
         weight = torch.where(others, 1.0 / torch.gather(count, 1, near), 1.0)
