@@ -159,6 +159,13 @@ class SelectMixin:
         those without a batched port; syncs)."""
         sigs = set(stage.policy.signals)
         counts = run.seg_counts()
+        # the engine's own host views of every sample in one read (sequence index, segment, position, size)
+        valid = run.vid >= 0
+        seq = run.mask2d.long().cumsum(1) - 1
+        host = torch.stack([
+            torch.gather(seq, 1, run.rows.clamp(min=0)).double(), run.seg.double(),
+            torch.where(valid, torch.gather(run.pos0, 1, run.vid.clamp(min=0)), 0).double(), run.sizes().double(),
+        ]).cpu()
         plans, ns = [], []
         for i in range(len(run.totals)):
             n = run.totals[i]
@@ -166,21 +173,22 @@ class SelectMixin:
             if not n:
                 plans.append(None)
                 continue
-            tok = self._tokens(stage, run, i, feats, counts[i], scores, sigs)
+            tok = self._tokens(stage, run, i, feats, counts[i], scores, sigs, host[:, i, :n])
             plan: Plan = stage.policy.select(tok)
             self._check_plan(stage, plan, n)
             plans.append(plan)
         batch = BatchPlan.stack(plans, ns)
-        batch.counts = _plan_counts(plans, counts, [run.seg[i, :n].cpu() for i, n in enumerate(ns)])
+        batch.counts = _plan_counts(plans, counts, [host[1, i, :n].long() for i, n in enumerate(ns)])
         return batch.to(feats.device), batch.totals
 
-    def _tokens(self, stage, run: Run, i: int, feats, counts, scores: dict, sigs: set) -> Tokens:
-        """The ``Tokens`` view of sample i's visual rows, with the signals the stage's policy declared."""
+    def _tokens(self, stage, run: Run, i: int, feats, counts, scores: dict, sigs: set, host) -> Tokens:
+        """The ``Tokens`` view of sample i's visual rows, with the signals the stage's policy declared;
+        ``host [4, n]``: its sequence indices, segments, positions and sizes, already on the host."""
         n = run.totals[i]
         rows, ids = run.rows[i, :n], run.vid[i, :n]
         text = question = None
         seq = run.mask2d[i].long().cumsum(0) - 1  # row -> index in the sample's unpadded current sequence
-        extra = {"rows": seq[rows].cpu()}
+        extra = {"rows": host[0].long()}
         q_rows = self._question_rows(run, i) if sigs & {"question", "llm_keys", "final_norm", "input_embeds"} else None
         if "text" in sigs or "question" in sigs:
             t = run.mask2d[i].bool().clone()
@@ -218,8 +226,8 @@ class SelectMixin:
             text=text if "text" in sigs else None,
             question=question,
             layer=stage.layer,
-            pos=run.pos0[i][ids].cpu(),
-            sizes=run.sizes()[i, :n].cpu(),
+            pos=host[2].long(),
+            sizes=host[3].float(),
             origin=list(run.origin[i]),
             **extra,
         )

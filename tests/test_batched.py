@@ -80,7 +80,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 
 # ----------------------------------------------------------------------------- engine: fast == slow
-FAST = ["uniform", "random", "pool", "none", "fastv", "pyramiddrop", "divprune", "visionzip", "tome"]
+FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome"]
 
 
 def _slow(monkeypatch, name):
@@ -113,7 +113,7 @@ def test_fast_paths_equal_the_per_sample_path(monkeypatch, family, name, dtype):
 
 
 # ----------------------------------------------------------------------------- zero host syncs
-SYNC_FREE = ["uniform", "random", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome"]
+SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome"]
 BATCHES = {1: ([[1]], [5]), 3: ([[1], [1], [1]], [5, 2, 3])}
 
 

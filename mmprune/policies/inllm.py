@@ -89,6 +89,7 @@ class VTW(Policy):
     """
 
     name = "vtw"
+    data_free = True
     stages = ("llm",)
     paper = "VTW, AAAI'25"
     summary = "withdraw all visual tokens at layer K"
