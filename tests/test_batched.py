@@ -80,7 +80,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 
 # ----------------------------------------------------------------------------- engine: fast == slow
-FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome"]
+FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal"]
 
 
 def _slow(monkeypatch, name):
@@ -113,7 +113,7 @@ def test_fast_paths_equal_the_per_sample_path(monkeypatch, family, name, dtype):
 
 
 # ----------------------------------------------------------------------------- zero host syncs
-SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome"]
+SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome", "temporal"]
 BATCHES = {1: ([[1]], [5]), 3: ([[1], [1], [1]], [5, 2, 3])}
 
 
@@ -277,3 +277,72 @@ def test_readme_custom_policy_runs_batched_and_per_sample_alike(monkeypatch):
         mmprune.unwrap(m)
     assert not added_syncs(rec.counts, base)
     assert torch.equal(fast, slow)
+
+
+def _video_tokens(seed, layouts, budget):
+    """Segments as (count, grid): videos whose frames repeat with noise (some scene cuts), images, grid-less
+    runs, a video with a trailing newline token (LLaVA-OneVision)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for segs in layouts:
+        feats = []
+        for cnt, grid in segs:
+            if grid is not None and grid[0] > 1:
+                t, h, w = grid
+                base = torch.randn(h * w, 6, generator=g)
+                frames = []
+                for _ in range(t):
+                    if torch.rand(1, generator=g).item() < 0.3:
+                        base = torch.randn(h * w, 6, generator=g)  # a scene cut
+                    frames.append(base + 0.3 * torch.randn(h * w, 6, generator=g))
+                x = torch.cat(frames)
+                feats.append(torch.cat([x, torch.randn(cnt - t * h * w, 6, generator=g)]))
+            else:
+                feats.append(torch.randn(cnt, 6, generator=g))
+        counts = [c for c, _ in segs]
+        out.append(Tokens(torch.cat(feats), counts, [resolve_budget(budget, c) for c in counts],
+                          grids=[gr for _, gr in segs]))
+    return out
+
+
+VIDEO_LAYOUTS = [
+    [[(24, (4, 2, 3))], [(9, (1, 3, 3)), (13, (3, 2, 2))], [(7, None), (24, (4, 2, 3))]],
+    [[(40, (5, 2, 4))], [(40, (5, 2, 4))]],
+    [[(9, (1, 3, 3))], [(5, None)]],
+]
+
+
+@pytest.mark.parametrize("layouts", VIDEO_LAYOUTS)
+@pytest.mark.parametrize("budget", [0.5, 0.25, 0.1, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("threshold", [0.8, 0.0])
+def test_temporal_batched_equals_per_sample(layouts, budget, seed, threshold):
+    toks = _video_tokens(seed, layouts, budget)
+    pol = get_policy("temporal")(threshold=threshold)
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        _same_plan(plan, b, ref, t.n)
+        assert plan.totals[b] == len(ref.keep)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@torch.no_grad()
+def test_temporal_on_videos_equals_per_sample_and_reads_once(monkeypatch, family):
+    """Videos: the batched temporal policy gives the per-sample path's logits and generations, and reads
+    the device once per stage (how many tokens found a predecessor in their scene)."""
+    m = tiny_model(family)
+    batch = make_inputs(m, [[1], [1]], prompt_lens=[5, 3], video=True)
+    base = count_syncs(lambda: m(**batch)).counts
+    mmprune.wrap(m, "temporal", budget=0.3)
+    rec = count_syncs(lambda: m(**batch))
+    fast = m(**batch).logits
+    gen_fast = m.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with monkeypatch.context() as mp:
+        _slow(mp, "temporal")
+        slow = m(**batch).logits
+        gen_slow = m.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    mmprune.unwrap(m)
+    assert dict(added_syncs(rec.counts, base)) == {"tolist": 1}
+    assert torch.equal(fast, slow)
+    assert torch.equal(gen_fast, gen_slow)

@@ -558,6 +558,7 @@ class Temporal(Policy):
 
     name = "temporal"
     signals = ("frames",)
+    batched = True
     paper = "FastVID / DyCoke / FrameFusion"
     summary = "merge tokens repeated across adjacent frames, segmented by frame similarity"
 
@@ -567,6 +568,87 @@ class Temporal(Policy):
 
     def select(self, tokens: Tokens) -> Plan:
         return segmentwise(tokens, self._one)
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan:
+        """``select`` for every image / video of the batch at once: frame descriptors, cuts, same-cell
+        predecessors and their ranking as batched tensor algebra, chains resolved by pointer jumping (no
+        loop over tokens). Whether a video still needs spatial merging depends on how many tokens found a
+        predecessor inside their scene: one read per stage when the batch holds a video."""
+        index, owner, ks = segment_rows(bt)
+        b, n = bt.features.shape[:2]
+        dev = index.device
+        s_rows, m = index.shape
+        valid = index >= 0
+        ns = [c for cs in bt.counts for c in cs if c]
+        grids = [g for cs, gs in zip(bt.counts, bt.grids) for c, g in zip(cs, list(gs) + [None] * len(cs)) if c]
+        x = segment_features(bt.features, index, owner).float()
+        sizes = segment_features(bt.sizes, index, owner).float().masked_fill(~valid, 0.0)
+        pos = segment_features(bt.pos, index, owner)
+        ar = torch.arange(m, device=dev).expand(s_rows, m)
+        group = ar.clone()
+        video = [g is not None and g[0] > 1 for g in grids]
+        if any(video):
+            t_max = max(g[0] for g, v in zip(grids, video) if v)
+            hw_max = max(g[1] * g[2] for g, v in zip(grids, video) if v)
+            geo = torch.tensor([[g[0], g[1], g[2]] if v else [1, 1, 1] for g, v in zip(grids, video)])
+            tt, hh, ww = (geo[:, i].to(dev, non_blocking=True).view(-1, 1) for i in range(3))
+            is_vid = torch.tensor(video).to(dev, non_blocking=True).view(-1, 1)
+            inside = valid & is_vid & (pos < tt * hh * ww)
+            f = torch.where(inside, pos // (hh * ww), -1)
+            cell = torch.where(inside, pos % (hh * ww), 0)
+            slot_f = torch.where(inside, f, t_max)
+            desc = torch.zeros(s_rows, t_max + 1, x.shape[-1], device=dev).index_put_(
+                (torch.arange(s_rows, device=dev).view(-1, 1).expand(s_rows, m), slot_f), x, accumulate=True)
+            cnt = torch.zeros(s_rows, t_max + 1, device=dev).scatter_add_(1, slot_f, inside.float())
+            desc = desc[:, :t_max] / cnt[:, :t_max].clamp(min=1).unsqueeze(-1)
+            fsim = torch.nn.functional.cosine_similarity(desc[:, 1:], desc[:, :-1], dim=-1)
+            cut = torch.cat([torch.zeros(s_rows, 1, dtype=torch.bool, device=dev),
+                             fsim < float(self.options["threshold"])], 1)
+            scene = torch.cat([cut.long().cumsum(1), torch.zeros(s_rows, 1, dtype=torch.long, device=dev)], 1)
+            table = torch.full((s_rows, t_max * hw_max + 1), -1, dtype=torch.long, device=dev)
+            table.scatter_(1, torch.where(inside, f * hw_max + cell, t_max * hw_max), ar)
+            fp = (f - 1).clamp(min=0)
+            same = inside & (f > 0) & (torch.gather(scene, 1, f.clamp(min=0)) == torch.gather(scene, 1, fp))
+            pred = torch.where(same, torch.gather(table, 1, torch.where(same, fp * hw_max + cell, t_max * hw_max)), -1)
+            has = pred >= 0
+            xp = torch.gather(x, 1, pred.clamp(min=0).unsqueeze(-1).expand_as(x))
+            sim = torch.nn.functional.cosine_similarity(x, xp, dim=-1).masked_fill(~has, float("-inf"))
+            order = torch.sort(sim, dim=1, descending=True, stable=True).indices
+            rank = torch.empty_like(order).scatter_(1, order, ar)
+            budget = torch.tensor([max(0, c - k) for c, k in zip(ns, ks)]).to(dev, non_blocking=True).view(-1, 1)
+            cand = has & (rank < budget)
+            group = torch.where(cand, pred, ar)
+            for _ in range(max(1, (t_max - 1).bit_length()) + 1):  # pointer jumping: every chain to its root
+                group = torch.gather(group, 1, group)
+            n_has = has.sum(1).tolist()  # the one read: how many tokens a video can merge in time
+        else:
+            n_has = [0] * s_rows
+        roots_n = [c - min(h, max(0, c - k)) for c, k, h in zip(ns, ks, n_has)]
+        shapes: dict = {}
+        for i, (r, k) in enumerate(zip(roots_n, ks)):
+            if r > k:
+                shapes.setdefault((r, k), []).append(i)
+        for (r, k), rows in shapes.items():  # spatial bipartite merging among the temporal groups
+            sel = torch.tensor(rows).to(dev, non_blocking=True)
+            g = group[sel]
+            gsize = torch.zeros(len(rows), m, device=dev).scatter_add_(1, g, sizes[sel])
+            msum = torch.zeros(len(rows), m, x.shape[-1], device=dev).scatter_add_(
+                1, g.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[sel] * sizes[sel].unsqueeze(-1))
+            roots = mask_positions((g == ar[: len(rows)]) & valid[sel], r)  # ascending token index
+            rm = torch.gather(msum, 1, roots.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            rs = torch.gather(gsize, 1, roots)
+            keep_r, assign_r, _ = bipartite_rows(rm / rs.unsqueeze(-1), rs, k)
+            rpos = torch.full((len(rows), m), -1, dtype=torch.long, device=dev).scatter_(1, roots, torch.arange(
+                r, device=dev).expand(len(rows), r))
+            new_root = torch.gather(roots, 1, torch.gather(keep_r, 1, assign_r))  # root -> its merged root
+            group[sel] = torch.gather(new_root, 1, torch.gather(rpos, 1, g).clamp(min=0))
+        group = torch.where(valid, group, -1)
+        keep = keep_from_rows(mask_positions((group == ar) & valid, max(ks, default=0)), index, owner, ks, b, n)
+        rep_slot = torch.where(group >= 0, torch.gather(index, 1, group.clamp(min=0)), -1)
+        assign = position_in_keep(keep, rows_to_batch(rep_slot, index, owner, b, n, fill=-1), n)
+        counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
+        return BatchPlan(keep, assign, rows_to_batch(sizes, index, owner, b, n, fill=0.0), counts=counts,
+                         totals=[sum(c) for c in counts])
 
     def _one(self, t: Tokens) -> Plan:
         n, k = t.n, t.budgets[0]
