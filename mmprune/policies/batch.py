@@ -288,15 +288,15 @@ def kcenter_rows(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     first = d.min(1).values.masked_fill(~valid, float("-inf")).argmax(-1)
     dist = dist.masked_fill(~valid.unsqueeze(1), float("-inf"))  # padding columns never win
     closest = torch.gather(dist, 1, first.view(s, 1, 1).expand(s, 1, m)).squeeze(1)
-    picked = torch.zeros(s, m, dtype=torch.bool, device=x.device)
-    picked.scatter_(1, first.view(s, 1), True)
+    closest = closest.scatter(1, first.view(s, 1), -1.0)
     sel = [first]
+    # a picked token's distance is set to -1 once and stays there (every 1 - cos >= -1): as the reference's
+    # closest[sel] = -1, with three kernels a round (argmax, gather, minimum) and one scatter
     for _ in range(k - 1):
-        closest = closest.masked_fill(picked, -1.0)
-        j = closest.argmax(-1)
-        sel.append(j)
-        picked.scatter_(1, j.view(s, 1), True)
-        closest = torch.minimum(closest, torch.gather(dist, 1, j.view(s, 1, 1).expand(s, 1, m)).squeeze(1))
+        j = closest.argmax(-1, keepdim=True)
+        sel.append(j.view(s))
+        closest = torch.minimum(closest, torch.gather(dist, 1, j.unsqueeze(-1).expand(s, 1, m)).squeeze(1))
+        closest.scatter_(1, j, -1.0)
     return torch.stack(sel, 1)
 
 
