@@ -15,7 +15,7 @@ import torch
 
 from .apply import Run, apply_plan, gather_rows, stage_trace
 from .policies.base import Plan, Tokens, resolve_budget
-from .policies.batch import BatchPlan, BatchTokens
+from .policies.batch import BatchPlan, BatchTokens, mask_positions
 from .syncs import host_side
 
 if TYPE_CHECKING:
@@ -30,6 +30,23 @@ def _stack_left(rows: list[torch.Tensor], device) -> torch.Tensor:
         if len(r):
             out[b, p - len(r) :] = r.to(device)
     return out
+
+
+def _question_batch(run: Run) -> torch.Tensor:
+    """``[B, Q]`` current rows of each sample's question, as ``_question_rows`` (the valid text rows after
+    its last visual row, else all its text rows), -1 padded; ``Q`` from the host counts (text rows at most),
+    so no read."""
+    b, p = run.mask2d.shape
+    dev = run.mask2d.device
+    vis = torch.zeros(b, p + 1, dtype=torch.bool, device=dev)
+    vis.scatter_(1, torch.where(run.rows >= 0, run.rows, p), True)
+    vis = vis[:, :p]
+    text = run.mask2d.bool() & ~vis
+    ar = torch.arange(p, device=dev)
+    last = torch.where(vis, ar, -1).amax(1, keepdim=True) if p else torch.full((b, 1), -1, device=dev)
+    after = text & (ar > last)
+    q = torch.where(after.any(1, keepdim=True), after, text)
+    return mask_positions(q, max((r - t for r, t in zip(run.nrows, run.totals)), default=0))
 
 
 def _plan_counts(plans: list, counts: list, segs: list | None = None) -> list:
@@ -102,6 +119,9 @@ class SelectMixin:
         for name in self.vision_signals:
             if name in stage.policy.signals:
                 signals[name] = self._batched_signal(run, name)
+        if {"question", "text"} & set(stage.policy.signals):
+            q_rows = _question_batch(run)
+            signals["question"], signals["question_valid"] = gather_rows(feats, q_rows, 1), q_rows >= 0
         valid = run.vid >= 0
         return BatchTokens(
             features=gather_rows(feats, run.rows, 1), valid=valid, segment=run.seg,

@@ -80,7 +80,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 
 # ----------------------------------------------------------------------------- engine: fast == slow
-FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal"]
+FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore"]
 
 
 def _slow(monkeypatch, name):
@@ -113,7 +113,7 @@ def test_fast_paths_equal_the_per_sample_path(monkeypatch, family, name, dtype):
 
 
 # ----------------------------------------------------------------------------- zero host syncs
-SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome", "temporal"]
+SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore"]
 BATCHES = {1: ([[1]], [5]), 3: ([[1], [1], [1]], [5, 2, 3])}
 
 
@@ -346,3 +346,20 @@ def test_temporal_on_videos_equals_per_sample_and_reads_once(monkeypatch, family
     assert dict(added_syncs(rec.counts, base)) == {"tolist": 1}
     assert torch.equal(fast, slow)
     assert torch.equal(gen_fast, gen_slow)
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS)
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+@pytest.mark.parametrize("budget", [0.3, 2, 1.0])
+def test_simignore_batched_equals_per_sample(layouts, reduce, budget):
+    toks = _ragged(7, layouts, budget=budget)
+    g = torch.Generator().manual_seed(8)
+    for i, t in enumerate(toks):  # questions of different lengths; one sample with no text at all
+        if i != 1:
+            t.question = torch.randn(2 + i, 6, generator=g)
+            t.text = torch.cat([torch.randn(3, 6, generator=g), t.question])
+    pol = get_policy("simignore")(reduce=reduce)
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        assert torch.equal(plan.sample(b).keep.cpu(), ref.keep.cpu()), b

@@ -113,6 +113,15 @@ class BatchTokens:
             seg[i, : t.n] = torch.repeat_interleave(torch.arange(len(t.segments)), torch.tensor(t.segments, dtype=torch.long))
             pos[i, : t.n] = t.positions()
             sizes[i, : t.n] = t.token_sizes()
+        qs = [t.question if t.question is not None and len(t.question) else t.text for t in tokens]
+        if any(q is not None for q in qs):  # the question (else all text), padded: question [B, Q, D] + validity
+            width = max((len(q) for q in qs if q is not None), default=0)
+            signals["question"] = ref.new_zeros(b, width, ref.shape[-1])
+            signals["question_valid"] = torch.zeros(b, width, dtype=torch.bool)
+            for i, q in enumerate(qs):
+                if q is not None:
+                    signals["question"][i, : len(q)] = q
+                    signals["question_valid"][i, : len(q)] = True
         for name in ("attn", "cls_attn", "keys", "cls_sim", "llm_keys", "pagerank", "normed", "tower_cls"):
             vals = [getattr(t, name) for t in tokens]
             if all(v is not None for v in vals):

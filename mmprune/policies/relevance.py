@@ -6,6 +6,15 @@ import torch
 
 from ._ops import knee, mean_similarity, normed, segmentwise, topk_indices
 from .base import Plan, Policy, Tokens
+from .batch import (
+    BatchPlan,
+    BatchTokens,
+    keep_from_rows,
+    rows_to_batch,
+    segment_features,
+    segment_rows,
+    topk_keep,
+)
 
 
 class ClsTail(Policy):
@@ -61,6 +70,7 @@ class SimIgnore(Policy):
     name = "simignore"
     stages = ("pre",)
     signals = ("question", "text")
+    batched = True
     paper = "Simignore, 2024"
     summary = "drop visual tokens with low embedding similarity to the question"
 
@@ -83,3 +93,27 @@ class SimIgnore(Policy):
             return Plan(keep=topk_indices(s, t.budgets[0]), scores=s)
 
         return segmentwise(tokens, one)
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan | None:
+        """``select`` for every image of the batch at once (masked means over each sample's question)."""
+        if bt.question is None or self.options["reduce"] not in ("mean", "max"):
+            return None
+        index, owner, ks = segment_rows(bt)
+        b, n = bt.features.shape[:2]
+        valid = index >= 0
+        who = torch.tensor(owner, dtype=torch.long).to(index.device, non_blocking=True)
+        xn = normed(segment_features(bt.features, index, owner))
+        q, qv = bt.question[who], bt.question_valid[who]
+        sim = xn @ normed(q).transpose(1, 2)  # [S, m, Q]
+        if self.options["reduce"] == "mean":
+            s = (sim * qv.unsqueeze(1)).sum(-1) / qv.sum(-1, keepdim=True).clamp(min=1)
+        else:
+            s = sim.masked_fill(~qv.unsqueeze(1), float("-inf")).max(-1).values
+        mean = (segment_features(bt.features, index, owner).float() * valid.unsqueeze(-1)).sum(1)
+        mean = mean / valid.sum(1, keepdim=True).clamp(min=1)
+        fallback = (xn @ normed(mean).unsqueeze(-1)).squeeze(-1)  # no text at all: the image's mean token
+        s = torch.where(qv.any(-1, keepdim=True), s, fallback).masked_fill(~valid, 0.0)
+        keep = keep_from_rows(topk_keep(s, valid, ks), index, owner, ks, b, n)
+        counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
+        return BatchPlan(keep, scores=rows_to_batch(s, index, owner, b, n, fill=0.0), counts=counts,
+                         totals=[sum(c) for c in counts])
