@@ -80,7 +80,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 
 # ----------------------------------------------------------------------------- engine: fast == slow
-FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore"]
+FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore", "cdpruner"]
 
 
 def _slow(monkeypatch, name):
@@ -113,7 +113,7 @@ def test_fast_paths_equal_the_per_sample_path(monkeypatch, family, name, dtype):
 
 
 # ----------------------------------------------------------------------------- zero host syncs
-SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore"]
+SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore", "cdpruner"]
 BATCHES = {1: ([[1]], [5]), 3: ([[1], [1], [1]], [5, 2, 3])}
 
 
@@ -182,7 +182,7 @@ def test_slow_path_policies_still_sync_and_the_recorder_names_the_line():
     m = tiny_model("llava")
     batch = make_inputs(m, [[1], [1]], prompt_lens=[5, 3])
     base = count_syncs(lambda: m(**batch)).counts
-    mmprune.wrap(m, "cdpruner", budget=0.25)  # not ported yet: the per-sample path
+    mmprune.wrap(m, "sparsevlm", budget=0.25)  # not ported yet: the per-sample path
     rec = count_syncs(lambda: m(**batch), stacks=True)
     mmprune.unwrap(m)
     assert sum(added_syncs(rec.counts, base).values()) > 0
@@ -363,3 +363,32 @@ def test_simignore_batched_equals_per_sample(layouts, reduce, budget):
     for b, t in enumerate(toks):
         ref = pol.select(t)
         assert torch.equal(plan.sample(b).keep.cpu(), ref.keep.cpu()), b
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS)
+@pytest.mark.parametrize("negate", [True, False])
+@pytest.mark.parametrize("budget", [0.3, 3, 1.0])
+@pytest.mark.parametrize("question", [True, False])
+def test_cdpruner_batched_equals_per_sample(layouts, negate, budget, question):
+    toks = _ragged(9, layouts, budget=budget)
+    g = torch.Generator().manual_seed(10)
+    if question:
+        for i, t in enumerate(toks):
+            t.question = torch.randn(2 + i, 6, generator=g)
+    pol = get_policy("cdpruner")(negate=negate)
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        assert torch.equal(plan.sample(b).keep.cpu(), ref.keep.cpu()), b
+
+
+def test_dpp_rows_exhausted_kernel_takes_the_largest_diagonal_like_the_reference():
+    from mmprune.policies._ops import dpp_greedy
+    from mmprune.policies.batch import dpp_rows
+
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # rank 2, 5 tokens
+    kernel = (x @ x.T) * torch.tensor([1.0, 2.0, 3.0, 0.5, 1.5]).view(-1, 1)
+    kernel = (kernel + kernel.T) / 2
+    ref = dpp_greedy(kernel, 4)
+    got = dpp_rows(kernel[None], torch.ones(1, 5, dtype=torch.bool), 4)[0]
+    assert got.tolist() == ref.tolist()

@@ -393,3 +393,33 @@ def bipartite_rows(metric: torch.Tensor, sizes: torch.Tensor, k: int):
     keep, order = ids.sort(dim=1)
     pos = torch.empty_like(order).scatter_(1, order, torch.arange(ids.shape[1], device=dev).expand_as(order))
     return keep, torch.gather(pos, 1, row), sizes.float()
+
+
+def dpp_rows(kernel: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """``_ops.dpp_greedy`` over rows at once (the official loop is batched the same way): ``kernel [S, m, m]``,
+    ``valid [S, m]`` -> ``[S, k]`` picks in selection order. Its guard without a branch: once a row's best
+    gain is <= 0 (an exhausted kernel) the row takes the largest remaining diagonal entries from then on."""
+    s, m, _ = kernel.shape
+    dev = kernel.device
+    kernel = kernel.float()
+    rows = torch.arange(s, device=dev)
+    diag = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, float("-inf"))
+    di2s = diag.clone()
+    cis = torch.zeros(k, s, m, device=dev)
+    picked = ~valid.clone()
+    done = torch.zeros(s, dtype=torch.bool, device=dev)
+    sel = []
+    for i in range(k):
+        j = di2s.argmax(-1)
+        gain = di2s[rows, j]
+        done = done | ~(gain > 0)
+        fallback = diag.masked_fill(picked, float("-inf")).argmax(-1)
+        j = torch.where(done, fallback, j)
+        sel.append(j)
+        picked[rows, j] = True
+        eis = (kernel[rows, j] - torch.einsum("tb,tbn->bn", cis[:i, rows, j], cis[:i])) / torch.sqrt(gain).unsqueeze(-1)
+        eis = torch.where(done.unsqueeze(-1), 0.0, eis)
+        cis[i] = eis
+        di2s = di2s - torch.square(eis)
+        di2s[rows, j] = float("-inf")
+    return torch.stack(sel, 1) if sel else torch.zeros(s, 0, dtype=torch.long, device=dev)

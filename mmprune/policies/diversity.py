@@ -6,7 +6,16 @@ import torch
 
 from ._ops import dpp_greedy, kcenter, segmentwise
 from .base import Plan, Policy, Tokens
-from .batch import BatchPlan, BatchTokens, kcenter_rows, keep_from_rows, segment_features, segment_rows
+from .batch import (
+    BatchPlan,
+    BatchTokens,
+    dpp_rows,
+    kcenter_rows,
+    keep_from_rows,
+    rows_to_batch,
+    segment_features,
+    segment_rows,
+)
 
 
 class DivPrune(Policy):
@@ -70,6 +79,7 @@ class CDPruner(Policy):
 
     name = "cdpruner"
     signals = ("question",)
+    batched = True
     paper = "CDPruner, 2025"
     summary = "conditional DPP: feature similarity x instruction relevance, greedy MAP"
 
@@ -96,6 +106,32 @@ class CDPruner(Policy):
             return Plan(keep=dpp_greedy(kernel, t.budgets[0]).sort().values, scores=rel.cpu())
 
         return segmentwise(tokens, one)
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan:
+        """``select`` for every image of the batch: one batched greedy MAP loop (``dpp_rows``)."""
+        index, owner, ks = segment_rows(bt)
+        b, n = bt.features.shape[:2]
+        valid = index >= 0
+        x = segment_features(bt.features, index, owner).float()
+        xn = x / x.norm(dim=-1, keepdim=True)
+        xn = xn.masked_fill(~valid.unsqueeze(-1), 0.0)
+        sim = xn @ xn.transpose(1, 2)
+        rel = torch.ones(valid.shape, device=x.device)
+        if bt.question is not None:
+            who = torch.tensor(owner, dtype=torch.long).to(x.device, non_blocking=True)
+            q, qv = bt.question[who].float(), bt.question_valid[who]
+            r = xn @ (q / q.norm(dim=-1, keepdim=True)).nan_to_num(0.0).transpose(1, 2)
+            r = ((-r if self.options["negate"] else r) * qv.unsqueeze(1)).sum(-1) / qv.sum(-1, keepdim=True).clamp(min=1)
+            lo = r.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
+            span = r.masked_fill(~valid, float("-inf")).amax(-1, keepdim=True) - lo
+            r = torch.where(span > 0, (r - lo + 1e-6) / span, 1.0)
+            rel = torch.where(qv.any(-1, keepdim=True), r, 1.0)  # no question: plain DPP
+        rel = rel.masked_fill(~valid, 0.0)
+        kernel = rel.unsqueeze(-1) * sim * rel.unsqueeze(1)
+        keep = keep_from_rows(dpp_rows(kernel, valid, max(ks, default=0)), index, owner, ks, b, n)
+        counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
+        return BatchPlan(keep, scores=rows_to_batch(rel, index, owner, b, n, fill=0.0), counts=counts,
+                         totals=[sum(c) for c in counts])
 
 
 class DART(Policy):
