@@ -80,7 +80,8 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 
 # ----------------------------------------------------------------------------- engine: fast == slow
-FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore", "cdpruner"]
+FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal",
+        "simignore", "cdpruner", "cls_tail"]
 
 
 def _slow(monkeypatch, name):
@@ -146,6 +147,15 @@ def test_pruned_prefill_and_decode_add_no_host_sync(family, name, b):
     batch = make_inputs(m, samples, prompt_lens=prompts)
     prefill, decode = _added(m, batch, name)
     assert not prefill, dict(prefill)
+    assert not decode, dict(decode)
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_adaptive_cls_tail_reads_once_per_stage(b):
+    m = tiny_model("llava")
+    samples, prompts = BATCHES[b]
+    prefill, decode = _added(m, make_inputs(m, samples, prompt_lens=prompts), "cls_tail", budget=0.5)
+    assert dict(prefill) == {"tolist": 1}
     assert not decode, dict(decode)
 
 
@@ -392,3 +402,19 @@ def test_dpp_rows_exhausted_kernel_takes_the_largest_diagonal_like_the_reference
     ref = dpp_greedy(kernel, 4)
     got = dpp_rows(kernel[None], torch.ones(1, 5, dtype=torch.bool), 4)[0]
     assert got.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS)
+@pytest.mark.parametrize("budget", [0.5, 1.0, 2])
+@pytest.mark.parametrize("cls", [True, False])
+def test_cls_tail_batched_equals_per_sample(layouts, budget, cls):
+    toks = _ragged(11, layouts, budget=budget)
+    g = torch.Generator().manual_seed(12)
+    for t in toks:  # long-tailed similarities
+        t.cls_sim = torch.rand(t.n, generator=g) ** 4 if cls else None
+    pol = get_policy("cls_tail")()
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        assert torch.equal(plan.sample(b).keep.cpu(), ref.keep.cpu()), b
+        assert plan.totals[b] == len(ref.keep)

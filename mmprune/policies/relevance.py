@@ -40,6 +40,7 @@ class ClsTail(Policy):
     stages = ("pre",)
     signals = ("cls_sim",)
     adaptive = True
+    batched = True
     paper = "Sparsity Meets Similarity, 2024"
     summary = "cut the sorted [CLS]-similarity curve at its inflection point"
 
@@ -50,6 +51,37 @@ class ClsTail(Policy):
             return Plan(keep=topk_indices(s, min(head, t.budgets[0])), scores=s)
 
         return segmentwise(tokens, one)
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan:
+        """``select`` for every image of the batch: knees of all sorted curves at once, then the one read an
+        adaptive count needs (each image's head length), then one top-k."""
+        index, owner, ks = segment_rows(bt)
+        b, n = bt.features.shape[:2]
+        valid = index >= 0
+        if bt.cls_sim is not None:
+            score = segment_features(bt.cls_sim.float(), index, owner)
+        else:
+            x = segment_features(bt.features, index, owner).float()
+            mean = (x * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+            score = (normed(x) @ normed(mean).unsqueeze(-1)).squeeze(-1)
+        score = score.masked_fill(~valid, 0.0)
+        v = torch.sort(score.double().masked_fill(~valid, float("-inf")), dim=1, descending=True).values
+        cnt = valid.sum(1, keepdim=True)
+        first, last = v[:, :1], torch.gather(v, 1, (cnt - 1).clamp(min=0))
+        y = torch.where(first > last, (v - last) / (first - last), 0.0)
+        xs = torch.arange(v.shape[1], device=v.device, dtype=torch.float64) / (cnt - 1).clamp(min=1)
+        gap = ((1.0 - xs) - y).masked_fill(~valid, float("-inf"))
+        head = torch.where(cnt <= 2, cnt, gap.argmax(1, keepdim=True).clamp(min=1)).view(-1)
+        heads = head.tolist()  # the adaptive count: one read per stage
+        ks = [min(h, k) for h, k in zip(heads, ks)]
+        keep = keep_from_rows(topk_keep(score, valid, ks), index, owner, ks, b, n)
+        counts = [[0] * len(cs) for cs in bt.counts]
+        it = iter(ks)
+        for i, cs in enumerate(bt.counts):
+            for j, c in enumerate(cs):
+                counts[i][j] = next(it) if c else 0
+        return BatchPlan(keep, scores=rows_to_batch(score, index, owner, b, n, fill=0.0), counts=counts,
+                         totals=[sum(c) for c in counts])
 
 
 class SimIgnore(Policy):
