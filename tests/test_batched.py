@@ -81,7 +81,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 # ----------------------------------------------------------------------------- engine: fast == slow
 FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal",
-        "simignore", "cdpruner", "cls_tail"]
+        "simignore", "cdpruner", "cls_tail", "prumerge+"]
 
 
 def _slow(monkeypatch, name):
@@ -150,12 +150,27 @@ def test_pruned_prefill_and_decode_add_no_host_sync(family, name, b):
     assert not decode, dict(decode)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("b", [1, 3])
-def test_adaptive_cls_tail_reads_once_per_stage(b):
-    m = tiny_model("llava")
+@pytest.mark.parametrize("name", ["cls_tail", "prumerge+"])
+def test_adaptive_policies_read_once_per_stage(family, b, name):
+    m = tiny_model(family)
     samples, prompts = BATCHES[b]
-    prefill, decode = _added(m, make_inputs(m, samples, prompt_lens=prompts), "cls_tail", budget=0.5)
-    assert dict(prefill) == {"tolist": 1}
+    prefill, decode = _added(m, make_inputs(m, samples, prompt_lens=prompts), name, budget=0.5)
+    # prumerge+ on LLaVA-1.5 selects in the tower and the stage reads the merged groups' counts: two reads
+    want = 2 if (name, family) == ("prumerge+", "llava") else 1
+    assert dict(prefill) == {"tolist": want}
+    assert not decode, dict(decode)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_prumerge_plus_fixed_count_adds_no_sync(family, b):
+    m = tiny_model(family)
+    samples, prompts = BATCHES[b]
+    cfg = mmprune.PruneConfig("prumerge+", 0.3, options={"adaptive": False})
+    prefill, decode = _added(m, make_inputs(m, samples, prompt_lens=prompts), cfg, budget=None)
+    assert not prefill, dict(prefill)
     assert not decode, dict(decode)
 
 
@@ -417,4 +432,27 @@ def test_cls_tail_batched_equals_per_sample(layouts, budget, cls):
     for b, t in enumerate(toks):
         ref = pol.select(t)
         assert torch.equal(plan.sample(b).keep.cpu(), ref.keep.cpu()), b
+        assert plan.totals[b] == len(ref.keep)
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS + [[[40], [40, 9]]])
+@pytest.mark.parametrize("budget", [0.3, 0.6, 5, 1.0])
+@pytest.mark.parametrize("adaptive", [True, False])
+@pytest.mark.parametrize("spiky", [True, False])
+def test_prumerge_plus_batched_equals_per_sample(layouts, budget, adaptive, spiky):
+    toks = _zip_tokens(13, layouts, budget)
+    g = torch.Generator().manual_seed(14)
+    for t in toks:  # a few outliers (or none) in the [CLS] attention
+        a = torch.rand(t.n, generator=g) * 0.1
+        if spiky:
+            a[torch.randperm(t.n, generator=g)[: max(1, t.n // 9)]] += 1.0
+        t.cls_attn = a
+    pol = get_policy("prumerge+")(adaptive=adaptive)
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        got = plan.sample(b, t.n)
+        assert torch.equal(got.keep.cpu(), ref.keep.cpu()), (b, got.keep, ref.keep)
+        assert torch.equal(got.assign.cpu(), ref.assign.cpu()), b
+        assert torch.allclose(got.combine.cpu(), ref.combine.cpu(), atol=1e-6), b
         assert plan.totals[b] == len(ref.keep)

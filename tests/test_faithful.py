@@ -524,6 +524,7 @@ def test_prumerge_plus_combine_reaches_features_and_deepstack(family, monkeypatc
         return plan
 
     monkeypatch.setattr(PruMergePlus, "select", spy)
+    monkeypatch.setattr(PruMergePlus, "batched", False)  # the spy reads the per-sample plans; batched: below
     seen, after = {}, {}
 
     def before(module, args, kwargs):
@@ -541,6 +542,12 @@ def test_prumerge_plus_combine_reaches_features_and_deepstack(family, monkeypatc
     h2 = lm.register_forward_pre_hook(late, with_kwargs=True)
     with torch.no_grad():
         m(**batch)
+        slow = {"embeds": after["embeds"], "ds": after["ds"]}
+        monkeypatch.setattr(PruMergePlus, "batched", True)  # the batched path mixes features and deepstack alike
+        m(**batch)
+        torch.testing.assert_close(after["embeds"], slow["embeds"], atol=1e-5, rtol=1e-4)
+        for d0, d1 in zip(after["ds"], slow["ds"]):
+            torch.testing.assert_close(d0, d1, atol=1e-5, rtol=1e-4)
     h.remove()
     h2.remove()
     visual = m.__dict__["_mmprune"].adapter.visual_mask(batch["input_ids"])

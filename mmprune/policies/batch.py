@@ -423,3 +423,48 @@ def dpp_rows(kernel: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
         di2s = di2s - torch.square(eis)
         di2s[rows, j] = float("-inf")
     return torch.stack(sel, 1) if sel else torch.zeros(s, 0, dtype=torch.long, device=dev)
+
+
+def premerged_batch(bt: BatchTokens, counts: list[list[int]] | None = None) -> BatchPlan:
+    """``_ops.premerged_plan`` for the batch: the groups a merge before the projector made
+    (``tower_assign``: each token's representative, its in-image index) as a plan. ``counts`` (host, per
+    segment) where the policy's count is fixed; None reads the kept counts once (adaptive policies)."""
+    b, n = bt.valid.shape
+    rep = bt.tower_assign.long()
+    slot = torch.arange(n, device=rep.device).expand(b, n)
+    kept = bt.valid & (rep == bt.pos)
+    if counts is None:
+        seg = torch.where(kept, bt.segment, 0)
+        s = max((len(c) for c in bt.counts), default=0)
+        per = torch.zeros(b, s + 1, dtype=torch.long, device=rep.device).scatter_add_(1, seg, kept.long())
+        host = per[:, :s].tolist()  # the adaptive count: one read
+        counts = [host[i][: len(cs)] for i, cs in enumerate(bt.counts)]
+    totals = [sum(c) for c in counts]
+    keep = mask_positions(kept, max(totals, default=0))
+    rep_slot = torch.where(bt.valid & (rep >= 0), slot - bt.pos + rep, -1)
+    return BatchPlan(keep, position_in_keep(keep, rep_slot, n), premerged=True, counts=counts, totals=totals)
+
+
+def unflatten_counts(counts: list[list[int]], per_row: list[int]) -> list[list[int]]:
+    """Per ``segment_rows`` row counts -> per sample, per segment (0 for empty segments)."""
+    it = iter(per_row)
+    return [[next(it) if c else 0 for c in cs] for cs in counts]
+
+
+def combine_batch(rows: torch.Tensor, members: torch.Tensor, index: torch.Tensor, owner: list[int],
+                  keep: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-image combine rows ``rows [S, m, m]`` (row p: the merged feature of member p over the image's
+    tokens) -> the batch's ``combine [B, K, N]`` (keep columns x slots)."""
+    b, k = keep.shape
+    dev = rows.device
+    s, m = index.shape
+    who = torch.tensor(owner, dtype=torch.long).to(dev, non_blocking=True).view(-1, 1)
+    slot_col = position_in_keep(keep, torch.arange(n, device=dev).expand(b, n), n)  # slot -> keep column
+    valid = index >= 0
+    col = torch.where(members & valid, slot_col[who.expand(s, m), index.clamp(min=0)], -1)
+    row_id = torch.where(col >= 0, who * k + col, b * k)  # [S, m]
+    col_id = torch.where(valid, index, n)  # [S, m]
+    flat = row_id.unsqueeze(-1) * (n + 1) + col_id.unsqueeze(1)  # [S, m, m]
+    out = torch.zeros((b * k + 1) * (n + 1), device=dev)
+    out.scatter_(0, flat.flatten(), rows.float().flatten())
+    return out.view(b * k + 1, n + 1)[: b * k, :n].view(b, k, n)

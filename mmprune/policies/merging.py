@@ -22,13 +22,16 @@ from .batch import (
     BatchTokens,
     attention_received_rows,
     bipartite_rows,
+    combine_batch,
     keep_from_rows,
     mask_positions,
     position_in_keep,
+    premerged_batch,
     rows_to_batch,
     segment_features,
     segment_rows,
     topk_keep,
+    unflatten_counts,
 )
 
 
@@ -274,12 +277,7 @@ class VisionZip(Policy):
         totals = [sum(c) for c in counts]
         valid = index >= 0
         if bt.tower_assign is not None:  # merged before the projector: read the groups it made
-            rep = bt.tower_assign.long()
-            slot = torch.arange(n, device=rep.device).expand(b, n)
-            kept = bt.valid & (rep == bt.pos)
-            keep = mask_positions(kept, max(totals, default=0))
-            rep_slot = torch.where(bt.valid & (rep >= 0), slot - bt.pos + rep, -1)
-            return BatchPlan(keep, position_in_keep(keep, rep_slot, n), premerged=True, counts=counts, totals=totals)
+            return premerged_batch(bt, counts)
         dev = bt.features.device
         if bt.cls_attn is not None:
             score = segment_features(bt.cls_attn.float(), index, owner)
@@ -352,6 +350,7 @@ class PruMergePlus(Policy):
 
     name = "prumerge+"
     stages = ("pre",)
+    batched = True
     adaptive = True  # the official count follows the IQR outliers (option adaptive=False: fixed)
     signals = ("cls_attn", "keys", "next_cls_attn", "next_keys", "tower_assign", "grid")
     paper = "LLaVA-PruMerge(+), 2024"
@@ -366,6 +365,92 @@ class PruMergePlus(Policy):
 
     def select(self, tokens: Tokens) -> Plan:
         return segmentwise(tokens, self._one)
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan:
+        """``select`` for every image of the batch at once. The adaptive count (IQR outliers, spatial samples,
+        the budget's cap) is computed on the device and read once per stage; ``adaptive=False`` reads
+        nothing. Same kept set, nearest-32 sums and extra token as ``select``."""
+        adaptive = bool(self.options["adaptive"])
+        index, owner, ks = segment_rows(bt)
+        b, n = bt.features.shape[:2]
+        dev = index.device
+        fixed = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
+        if bt.tower_assign is not None:  # selected and merged before the projector, as the official code
+            return premerged_batch(bt, None if adaptive else fixed)
+        s_rows, m = index.shape
+        valid = index >= 0
+        ns = [c for cs in bt.counts for c in cs if c]
+        sig = bt.next_cls_attn if bt.next_cls_attn is not None else bt.cls_attn
+        if sig is not None:
+            score = segment_features(sig.float(), index, owner)
+        else:
+            score = attention_received_rows(segment_features(bt.features, index, owner), valid)
+        score = score.masked_fill(~valid, 0.0)
+        kf = bt.next_keys if bt.next_keys is not None else (bt.keys if bt.keys is not None else bt.features)
+        kn = torch.nn.functional.normalize(segment_features(kf, index, owner).float(), p=2, dim=-1)
+        q1 = torch.zeros(s_rows, device=dev)
+        q3 = torch.zeros(s_rows, device=dev)
+        shapes: dict = {}
+        for i, c in enumerate(ns):
+            shapes.setdefault(c, []).append(i)
+        for c, rows in shapes.items():  # np.percentile's linear rule, per image length
+            sel = torch.tensor(rows).to(dev, non_blocking=True)
+            q = torch.quantile(score[sel, :c], torch.tensor([0.25, 0.75], device=dev), dim=-1)
+            q1[sel], q3[sel] = q[0], q[1]
+        outl = ((score > (q3 + 1.5 * (q3 - q1)).unsqueeze(-1)) & valid).sum(1, keepdim=True)
+        order = torch.sort(score.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
+        ar = torch.arange(m, device=dev).expand(s_rows, m)
+        rank = torch.empty_like(order).scatter_(1, order, ar)
+        n_t = torch.tensor(ns, dtype=torch.float64).to(dev, non_blocking=True).view(-1, 1)
+        k_t = torch.tensor(ks).to(dev, non_blocking=True).view(-1, 1)
+        if adaptive:  # the official count: outliers (else 1/8), then every step-th token, capped by the budget
+            ratio = torch.where(outl > 0, outl / n_t, 1.0 / 8)
+            t = (n_t * ratio).floor().long()
+            step = ((1.0 / ratio).floor() / 3).floor().clamp(min=1).long()
+            top = rank < t
+            samples = valid & ~top & (ar % step == 0) & (ar < (n_t.long() - 1).clamp(min=1))
+            length = t + samples.sum(1, keepdim=True)
+            cap = (length + (length < n_t.long()).long()) > k_t
+            length = torch.where(cap, (k_t - 1).clamp(min=1), length)
+            srank = samples.long().cumsum(1) - 1
+            kept = valid & ((top & (rank < length)) | (samples & (srank < length - t)))
+            extra = length < n_t.long()  # the extra token: every pruned token, attention-weighted
+            count = (length + extra.long()).view(-1)
+            counts_h = count.tolist()  # the adaptive count: one read per stage
+        else:  # outliers first (highest first, at most the budget), then evenly spaced samples of the rest
+            ntop = torch.minimum(outl, k_t)
+            top = valid & (rank < ntop)
+            rest = valid & ~top
+            rr = rest.long().cumsum(1) - 1
+            big_r, k2 = n_t.long() - ntop, k_t - ntop
+            i = torch.arange(max(ks, default=0), device=dev, dtype=torch.float64).view(1, -1)
+            pick = ((i + 0.5) * big_r / k2.clamp(min=1)).floor().long().clamp(max=(big_r - 1).clamp(min=0))
+            hit = torch.zeros(s_rows, m + 1, dtype=torch.bool, device=dev)
+            hit.scatter_(1, torch.where(i < k2, pick, m), True)
+            kept = top | (rest & torch.gather(hit, 1, rr.clamp(min=0)))
+            extra = torch.zeros(s_rows, 1, dtype=torch.bool, device=dev)
+            counts_h = list(ks)
+        # each kept token: itself + the score-weighted sum of its 32 nearest others by key cosine
+        sim = (kn @ kn.transpose(1, 2)).masked_fill(~valid.unsqueeze(1) | torch.eye(m, dtype=torch.bool, device=dev), float("-inf"))
+        kk = min(32, max(m - 1, 0))
+        near_v, near = torch.topk(sim, kk, dim=-1) if kk else (sim[..., :0], sim[..., :0].long())
+        near_ok = (torch.arange(kk, device=dev).view(1, 1, -1) < (n_t.long() - 1).clamp(max=32).view(-1, 1, 1)) & (near_v > float("-inf"))
+        rows_c = torch.zeros(s_rows, m, m + 1, device=dev)
+        rows_c.scatter_add_(2, torch.where(near_ok, near, m), torch.gather(score.unsqueeze(1).expand(-1, m, -1), 2, near.clamp(min=0)) * near_ok)
+        rows_c = rows_c[..., :m] + torch.eye(m, device=dev)
+        compl = valid & ~kept
+        last = torch.where(compl, ar, -1).amax(1, keepdim=True)  # the extra token sits at the last pruned one
+        ext_row = (extra & (ar == last))
+        rows_c = torch.where(ext_row.unsqueeze(-1), (score * compl).unsqueeze(1).expand(-1, m, -1), rows_c)
+        members = kept | ext_row
+        rep_pos = torch.where(members, ar, torch.where(compl & extra, last.expand(-1, m), -1))
+        keep = keep_from_rows(mask_positions(members, max(counts_h, default=0)), index, owner, counts_h, b, n)
+        rep_slot = torch.where(rep_pos >= 0, torch.gather(index, 1, rep_pos.clamp(min=0)), -1)
+        assign = position_in_keep(keep, rows_to_batch(rep_slot, index, owner, b, n, fill=-1), n)
+        combine = combine_batch(rows_c, members, index, owner, keep, n)
+        counts = fixed if not adaptive else unflatten_counts(bt.counts, counts_h)
+        return BatchPlan(keep, assign, combine=combine, scores=rows_to_batch(score, index, owner, b, n, fill=0.0),
+                         counts=counts, totals=[sum(c) for c in counts])
 
     def _one(self, t: Tokens) -> Plan:
         done = premerged_plan(t)
