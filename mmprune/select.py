@@ -114,8 +114,9 @@ class SelectMixin:
         counts = run.seg_counts()
         budgets = [[resolve_budget(stage.config.budget, c) if c else 0 for c in cs] for cs in counts]
         signals = {}
-        if scores.get("attn") is not None:
-            signals["attn"] = torch.where(run.rows >= 0, torch.gather(scores["attn"], 1, run.rows.clamp(min=0)), 0.0)
+        for name in ("attn", "pagerank"):  # LLM signals over the current rows -> the visual slots
+            if scores.get(name) is not None:
+                signals[name] = torch.where(run.rows >= 0, torch.gather(scores[name], 1, run.rows.clamp(min=0)), 0.0)
         for name in self.vision_signals:
             if name in stage.policy.signals:
                 signals[name] = self._batched_signal(run, name)

@@ -81,7 +81,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 # ----------------------------------------------------------------------------- engine: fast == slow
 FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal",
-        "simignore", "cdpruner", "cls_tail", "prumerge+"]
+        "simignore", "cdpruner", "cls_tail", "prumerge+", "aim", "todre"]
 
 
 def _slow(monkeypatch, name):
@@ -114,7 +114,7 @@ def test_fast_paths_equal_the_per_sample_path(monkeypatch, family, name, dtype):
 
 
 # ----------------------------------------------------------------------------- zero host syncs
-SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore", "cdpruner"]
+SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore", "cdpruner", "aim"]
 BATCHES = {1: ([[1]], [5]), 3: ([[1], [1], [1]], [5, 2, 3])}
 
 
@@ -456,3 +456,15 @@ def test_prumerge_plus_batched_equals_per_sample(layouts, budget, adaptive, spik
         assert torch.equal(got.assign.cpu(), ref.assign.cpu()), b
         assert torch.allclose(got.combine.cpu(), ref.combine.cpu(), atol=1e-6), b
         assert plan.totals[b] == len(ref.keep)
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS + [[[16, 16], [16], [9, 16]]])
+@pytest.mark.parametrize("budget", [0.3, 0.1, 5])
+def test_aim_merge_batched_equals_per_sample(layouts, budget):
+    from mmprune.policies.multistage import AimMerge
+
+    toks = _zip_tokens(15, layouts, budget, cls=False, keys=False)
+    pol = AimMerge()
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        _same_plan(plan, b, pol.select(t), t.n)

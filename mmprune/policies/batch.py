@@ -343,27 +343,29 @@ def attention_received_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     return att.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
 
 
-def _tome_merge_rows(x: torch.Tensor, idx) -> torch.Tensor:
-    """ToMe's ``merge`` closure (sum) on ``x [G, t, c]``: ``[A unmerged, B with the merged A rows added]``."""
+def _tome_merge_rows(x: torch.Tensor, idx, reduce: str = "sum") -> torch.Tensor:
+    """ToMe's ``merge`` closure on ``x [G, t, c]``: ``[A unmerged, B with the merged A rows reduced in]``."""
     unm_idx, src_idx, dst_idx = idx
     src, dst = x[:, 0::2], x[:, 1::2]
     w = x.shape[-1]
     moved = torch.gather(src, 1, src_idx.unsqueeze(-1).expand(-1, -1, w))
-    dst = dst.scatter_reduce(1, dst_idx.unsqueeze(-1).expand(-1, -1, w), moved, reduce="sum")
+    dst = dst.scatter_reduce(1, dst_idx.unsqueeze(-1).expand(-1, -1, w), moved, reduce=reduce)
     return torch.cat([torch.gather(src, 1, unm_idx.unsqueeze(-1).expand(-1, -1, w)), dst], 1)
 
 
-def bipartite_rows(metric: torch.Tensor, sizes: torch.Tensor, k: int):
-    """``_ops.bipartite_merge`` (ToMe's ``bipartite_soft_matching`` + ``merge_wavg``, size mode, nothing
-    protected) for ``G`` rows of the same length at once, as the official code batches images: rounds of
-    ``r = min(t - k, t // 2)`` merges (host counts) until ``k`` remain. Returns ``(keep [G, k], assign [G, n],
-    weight [G, n])`` as there. Ties in the match scores go to the lower index (a stable sort)."""
+def bipartite_rows(metric: torch.Tensor, sizes: torch.Tensor, k: int, mode: str = "size"):
+    """``_ops.bipartite_merge`` (ToMe's ``bipartite_soft_matching`` + ``merge_wavg``, nothing protected) for
+    ``G`` rows of the same length at once, as the official code batches images: rounds of
+    ``r = min(t - k, t // 2)`` merges (host counts) until ``k`` remain. ``mode="mean"``: AIM's unweighted
+    ``scatter_reduce(mean)`` and nested ``1 / count`` weights. Returns ``(keep [G, k], assign [G, n], weight
+    [G, n])`` as there. Ties in the match scores go to the lower index (a stable sort)."""
     g, n, c = metric.shape
     dev = metric.device
     m = metric.float()
     size = sizes.float()
     ids = torch.arange(n, device=dev).expand(g, n)
     row = ids
+    weight = sizes.float() if mode == "size" else torch.ones(g, n, device=dev)
     t = n
     while t > k:
         r = min(t - k, t // 2)
@@ -377,9 +379,13 @@ def bipartite_rows(metric: torch.Tensor, sizes: torch.Tensor, k: int):
         dst_idx = torch.gather(node_idx, 1, src_idx)
 
         idx = (unm_idx, src_idx, dst_idx)
-        msum = _tome_merge_rows(m * size.unsqueeze(-1), idx)
-        size = _tome_merge_rows(size.unsqueeze(-1), idx)[..., 0]
-        m = msum / size.unsqueeze(-1)
+        if mode == "size":
+            msum = _tome_merge_rows(m * size.unsqueeze(-1), idx)
+            size = _tome_merge_rows(size.unsqueeze(-1), idx)[..., 0]
+            m = msum / size.unsqueeze(-1)
+        else:
+            count = _tome_merge_rows(torch.ones(g, t, 1, device=dev), idx)[..., 0]
+            m = _tome_merge_rows(m, idx, "mean")
         tb = t // 2
         nu = (t + 1) // 2 - r  # A tokens left unmerged
         new_row = torch.empty(g, t, dtype=torch.long, device=dev)
@@ -390,9 +396,11 @@ def bipartite_rows(metric: torch.Tensor, sizes: torch.Tensor, k: int):
         row = torch.gather(new_row, 1, row)
         ids = torch.cat([torch.gather(ids[:, 0::2], 1, unm_idx), ids[:, 1::2]], 1)
         t = nu + tb
+        if mode == "mean":
+            weight = weight / torch.gather(count, 1, row)
     keep, order = ids.sort(dim=1)
     pos = torch.empty_like(order).scatter_(1, order, torch.arange(ids.shape[1], device=dev).expand_as(order))
-    return keep, torch.gather(pos, 1, row), sizes.float()
+    return keep, torch.gather(pos, 1, row), weight
 
 
 def dpp_rows(kernel: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:

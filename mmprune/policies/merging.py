@@ -117,29 +117,8 @@ class ToMe(Policy):
         the vision tower (``tome_groups``) take the per-sample path."""
         if bt.tome_groups is not None:
             return None
-        index, owner, ks = segment_rows(bt)
-        b, n = bt.features.shape[:2]
-        ns = [c for cs in bt.counts for c in cs if c]
-        metric = segment_features(bt.keys if bt.keys is not None else bt.features, index, owner)
-        sizes = segment_features(bt.sizes, index, owner)
-        rep_pos = torch.full(index.shape, -1, dtype=torch.long, device=index.device)
-        weight = torch.zeros(index.shape, device=index.device)
-        kept = torch.zeros(index.shape[0], index.shape[1] + 1, dtype=torch.bool, device=index.device)
-        shapes: dict = {}
-        for s, key in enumerate(zip(ns, ks)):
-            shapes.setdefault(key, []).append(s)
-        for (n_s, k_s), rows in shapes.items():  # one batched merge per distinct (tokens, budget)
-            sel = torch.tensor(rows).to(index.device, non_blocking=True)
-            keep_r, assign_r, w_r = bipartite_rows(metric[sel, :n_s], sizes[sel, :n_s], k_s)
-            rep_pos[sel, :n_s] = torch.gather(keep_r, 1, assign_r)
-            weight[sel, :n_s] = w_r
-            kept[sel.view(-1, 1), keep_r] = True
-        keep = keep_from_rows(mask_positions(kept[:, :-1], max(ks, default=0)), index, owner, ks, b, n)
-        rep_slot = torch.where(rep_pos >= 0, torch.gather(index, 1, rep_pos.clamp(min=0)), -1)
-        assign = position_in_keep(keep, rows_to_batch(rep_slot, index, owner, b, n, fill=-1), n)
-        counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
-        return BatchPlan(keep, assign, rows_to_batch(weight, index, owner, b, n, fill=0.0), counts=counts,
-                         totals=[sum(c) for c in counts])
+        return bipartite_batch(bt, bt.keys if bt.keys is not None else bt.features, "size")
+
 
     def select(self, tokens: Tokens) -> Plan:
         def one(t: Tokens) -> Plan:
@@ -155,6 +134,33 @@ class ToMe(Policy):
             return Plan(keep=reps[keep_r], assign=assign_r[inv], weight=sizes)
 
         return segmentwise(tokens, one)
+
+
+def bipartite_batch(bt: BatchTokens, metric_src: torch.Tensor, mode: str) -> BatchPlan:
+    """Bipartite merging of every image of the batch to its budget (ToMe: ``mode="size"``; AIM: "mean")."""
+    index, owner, ks = segment_rows(bt)
+    b, n = bt.features.shape[:2]
+    ns = [c for cs in bt.counts for c in cs if c]
+    metric = segment_features(metric_src, index, owner)
+    sizes = segment_features(bt.sizes, index, owner)
+    rep_pos = torch.full(index.shape, -1, dtype=torch.long, device=index.device)
+    weight = torch.zeros(index.shape, device=index.device)
+    kept = torch.zeros(index.shape[0], index.shape[1] + 1, dtype=torch.bool, device=index.device)
+    shapes: dict = {}
+    for s, key in enumerate(zip(ns, ks)):
+        shapes.setdefault(key, []).append(s)
+    for (n_s, k_s), rows in shapes.items():  # one batched merge per distinct (tokens, budget)
+        sel = torch.tensor(rows).to(index.device, non_blocking=True)
+        keep_r, assign_r, w_r = bipartite_rows(metric[sel, :n_s], sizes[sel, :n_s], k_s, mode)
+        rep_pos[sel, :n_s] = torch.gather(keep_r, 1, assign_r)
+        weight[sel, :n_s] = w_r
+        kept[sel.view(-1, 1), keep_r] = True
+    keep = keep_from_rows(mask_positions(kept[:, :-1], max(ks, default=0)), index, owner, ks, b, n)
+    rep_slot = torch.where(rep_pos >= 0, torch.gather(index, 1, rep_pos.clamp(min=0)), -1)
+    assign = position_in_keep(keep, rows_to_batch(rep_slot, index, owner, b, n, fill=-1), n)
+    counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
+    return BatchPlan(keep, assign, rows_to_batch(weight, index, owner, b, n, fill=0.0), counts=counts,
+                     totals=[sum(c) for c in counts])
 
 
 class VisionZip(Policy):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..config import PruneConfig
-from ._ops import bipartite_merge, kcenter, segmentwise
+from ._ops import bipartite_merge, segmentwise
 from .base import Plan, Policy, Tokens, resolve_budget
+from .batch import BatchPlan, BatchTokens, topk_keep
+from .diversity import DivPrune
 from .inllm import _text_relevance
 
 
@@ -88,6 +90,7 @@ class AIM(Policy):
 class AimMerge(Policy):
     name = "aim/merge"
     stages = ("pre",)
+    batched = True
 
     def select(self, tokens: Tokens) -> Plan:
         def one(t):
@@ -96,24 +99,41 @@ class AimMerge(Policy):
 
         return segmentwise(tokens, one)
 
+    def select_batch(self, bt: BatchTokens) -> BatchPlan:
+        from .merging import bipartite_batch
+
+        return bipartite_batch(bt, bt.features, "mean")
+
 
 class AimPrune(Policy):
     name = "aim/prune"
     stages = ("llm",)
     signals = ("pagerank",)
+    batched = True
     merged_budget = 1.0
 
     @classmethod
     def option_defaults(cls):
         return {"rate": 1.0}
 
-    def select(self, tokens: Tokens) -> Plan:
+    def _k(self, tokens: Tokens) -> int:
         # N: the merged count entering the LLM (the merge stage meets its budget per image exactly)
         merged = sum(resolve_budget(self.merged_budget, n0) for n0 in (tokens.origin or tokens.segments))
-        k = min(tokens.n, int(merged * float(self.options["rate"])))
+        return min(tokens.n, int(merged * float(self.options["rate"])))
+
+    def select(self, tokens: Tokens) -> Plan:
+        k = self._k(tokens)
         score = tokens.pagerank.float().cpu() if tokens.pagerank is not None else _text_relevance(tokens)
         order = torch.sort(score, dim=-1, descending=True).indices  # the official sort
         return Plan(keep=order[:k].sort().values, scores=score)
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan | None:
+        """The top PageRank tokens of the batch (a stable sort: ties to the lower index, where the official
+        ``torch.sort`` leaves them to the backend)."""
+        if bt.pagerank is None:
+            return None
+        ks = [self._k(bt.meta(b)) for b in range(bt.batch)]
+        return BatchPlan(topk_keep(bt.pagerank, bt.valid, ks), scores=bt.pagerank.float(), totals=ks)
 
 
 class ToDRE(Policy):
@@ -157,12 +177,11 @@ class ToDRE(Policy):
         ]
 
 
-class ToDREDiverse(Policy):
+class ToDREDiverse(DivPrune):
+    """ToDRE's first stage: DivPrune's k-center (batched, ``DivPrune.select_batch``)."""
+
     name = "todre/diverse"
     stages = ("pre",)
-
-    def select(self, tokens: Tokens) -> Plan:
-        return segmentwise(tokens, lambda t: Plan(keep=kcenter(t.features, t.budgets[0]).sort().values))
 
 
 class ToDREWithdraw(Policy):
