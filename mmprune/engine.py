@@ -64,7 +64,7 @@ from .attention import attention_probs, pagerank_importance, rotary_keys
 from .decode import DecodeMixin, SeqState, _cache_of
 from .kernels import scatter_tokens
 from .locate import HostCopy, locate, prefetch_ids
-from .select import SelectMixin, _stack_left
+from .select import SelectMixin, _question_batch
 from .traces import Trace
 
 _IDS = itertools.count()
@@ -479,7 +479,7 @@ class Engine(SelectMixin, DecodeMixin):
             probs = attention_probs(attn, hidden, pe, last, valid)
             sig["attn"] = probs.mean(1)[:, 0]  # [B, P]: head-averaged, last query
         if "text_attn" in needs:
-            rows = _stack_left([self._question_rows(run, b) for b in range(valid.shape[0])], valid.device)
+            rows = _question_batch(run)  # [B, Q], -1 padded at the end: no read
             if rows.shape[1]:
                 sig["text_attn"] = attention_probs(attn, hidden, pe, rows, valid).mean(1)  # [B, Q, P]
             sig["text_rows"] = rows

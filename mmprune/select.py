@@ -22,16 +22,6 @@ if TYPE_CHECKING:
     from .engine import Stage
 
 
-def _stack_left(rows: list[torch.Tensor], device) -> torch.Tensor:
-    """Stack per-sample row lists into ``[B, P]``, left-padded with -1 (the slow path's question rows)."""
-    p = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), p), -1, dtype=torch.long, device=device)
-    for b, r in enumerate(rows):
-        if len(r):
-            out[b, p - len(r) :] = r.to(device)
-    return out
-
-
 def _question_batch(run: Run) -> torch.Tensor:
     """``[B, Q]`` current rows of each sample's question, as ``_question_rows`` (the valid text rows after
     its last visual row, else all its text rows), -1 padded; ``Q`` from the host counts (text rows at most),
@@ -120,6 +110,11 @@ class SelectMixin:
         for name in self.vision_signals:
             if name in stage.policy.signals:
                 signals[name] = self._batched_signal(run, name)
+        if "text_attn" in stage.policy.signals and scores.get("text_attn") is not None:
+            ta = scores["text_attn"]  # [B, Q, P] over the current rows -> [B, Q, N] over the visual slots
+            idx = run.rows.clamp(min=0).unsqueeze(1).expand(-1, ta.shape[1], -1)
+            signals["text_attn"] = torch.gather(ta, 2, idx).masked_fill((run.rows < 0).unsqueeze(1), 0.0)
+            signals["text_attn_valid"] = scores["text_rows"] >= 0
         if {"question", "text"} & set(stage.policy.signals):
             q_rows = _question_batch(run)
             signals["question"], signals["question_valid"] = gather_rows(feats, q_rows, 1), q_rows >= 0

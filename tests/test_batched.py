@@ -81,7 +81,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 # ----------------------------------------------------------------------------- engine: fast == slow
 FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal",
-        "simignore", "cdpruner", "cls_tail", "prumerge+", "aim", "todre"]
+        "simignore", "cdpruner", "cls_tail", "prumerge+", "aim", "todre", "atp"]
 
 
 def _slow(monkeypatch, name):
@@ -152,13 +152,14 @@ def test_pruned_prefill_and_decode_add_no_host_sync(family, name, b):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("b", [1, 3])
-@pytest.mark.parametrize("name", ["cls_tail", "prumerge+"])
+@pytest.mark.parametrize("name", ["cls_tail", "prumerge+", "todre", "atp"])
 def test_adaptive_policies_read_once_per_stage(family, b, name):
     m = tiny_model(family)
     samples, prompts = BATCHES[b]
     prefill, decode = _added(m, make_inputs(m, samples, prompt_lens=prompts), name, budget=0.5)
-    # prumerge+ on LLaVA-1.5 selects in the tower and the stage reads the merged groups' counts: two reads
-    want = 2 if (name, family) == ("prumerge+", "llava") else 1
+    # one read per adaptive stage (atp: three stages); prumerge+ on LLaVA-1.5 selects in the tower and the
+    # stage reads the merged groups' counts: two reads
+    want = {"atp": 3, "prumerge+": 2 if family == "llava" else 1}.get(name, 1)
     assert dict(prefill) == {"tolist": want}
     assert not decode, dict(decode)
 
@@ -468,3 +469,40 @@ def test_aim_merge_batched_equals_per_sample(layouts, budget):
     plan = pol.select_batch(BatchTokens.from_tokens(toks))
     for b, t in enumerate(toks):
         _same_plan(plan, b, pol.select(t), t.n)
+
+
+def _with_text_attn(toks, seed, empty=1):
+    g = torch.Generator().manual_seed(seed)
+    for i, t in enumerate(toks):  # question rows' attention; one sample without question rows
+        t.text_attn = torch.rand(0 if i == empty else 2 + i, t.n, generator=g) * 0.1
+    return toks
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS)
+@pytest.mark.parametrize("mass", [0.05, 10.0])
+def test_todre_withdraw_batched_equals_per_sample(layouts, mass):
+    from mmprune.policies.multistage import ToDREWithdraw
+
+    toks = _with_text_attn(_ragged(16, layouts, ties=False), 17)
+    pol = ToDREWithdraw(mass=mass)
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        assert torch.equal(plan.sample(b).keep.cpu(), ref.keep.cpu()), b
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS)
+@pytest.mark.parametrize("stage, budget", [(0, 0.25), (1, 0.25), (2, 0.5), (1, 4)])
+@pytest.mark.parametrize("attn", [True, False])
+def test_atp_batched_equals_per_sample(layouts, stage, budget, attn):
+    toks = _with_text_attn(_ragged(18, layouts, ties=False), 19)
+    if not attn:
+        for t in toks:
+            t.attn = None
+    pol = get_policy("atp")()
+    pol.stage_index, pol.num_stages, pol.final_budget = stage, 3, budget
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        assert torch.equal(plan.sample(b).keep.cpu(), ref.keep.cpu()), (b, plan.sample(b).keep, ref.keep)
+        assert plan.totals[b] == len(ref.keep)

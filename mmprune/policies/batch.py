@@ -122,6 +122,14 @@ class BatchTokens:
                 if q is not None:
                     signals["question"][i, : len(q)] = q
                     signals["question_valid"][i, : len(q)] = True
+        tas = [t.text_attn for t in tokens]
+        if all(ta is not None for ta in tas):  # [Q, N] per sample -> [B, Q, N] + validity
+            width = max(ta.shape[0] for ta in tas)
+            signals["text_attn"] = torch.zeros(b, width, n)
+            signals["text_attn_valid"] = torch.zeros(b, width, dtype=torch.bool)
+            for i, ta in enumerate(tas):
+                signals["text_attn"][i, : ta.shape[0], : ta.shape[1]] = ta
+                signals["text_attn_valid"][i, : ta.shape[0]] = True
         for name in ("attn", "cls_attn", "keys", "cls_sim", "llm_keys", "pagerank", "normed", "tower_cls"):
             vals = [getattr(t, name) for t in tokens]
             if all(v is not None for v in vals):

@@ -12,7 +12,7 @@ import torch
 from ..config import PruneConfig
 from ._ops import attention_received, evenly_spaced, topk_indices
 from .base import Plan, Policy, Tokens, resolve_budget
-from .batch import BatchPlan, BatchTokens, topk_keep
+from .batch import BatchPlan, BatchTokens, attention_received_rows, mask_positions, topk_keep
 
 
 def pyramid_layers(num_layers: int, start: int | None = None, fractions=(0.25, 0.5, 0.75)) -> list[int]:
@@ -73,6 +73,20 @@ def _text_relevance(tokens: Tokens) -> torch.Tensor:
     if tokens.attn is not None:
         return tokens.attn.float().cpu()
     return attention_received(tokens.features).cpu()
+
+
+def text_relevance_batch(bt: BatchTokens) -> torch.Tensor:
+    """``_text_relevance`` for the batch ``[B, N]``: the question rows' mean attention, else the last token's,
+    else attention received among the visual tokens (per sample, as the per-sample fallbacks)."""
+    if bt.attn is not None:
+        fallback = bt.attn.float()
+    else:
+        fallback = attention_received_rows(bt.features, bt.valid)
+    if bt.text_attn is None:
+        return fallback.masked_fill(~bt.valid, 0.0)
+    qv = bt.text_attn_valid
+    rel = (bt.text_attn.float() * qv.unsqueeze(-1)).sum(1) / qv.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(qv.any(1, keepdim=True), rel, fallback).masked_fill(~bt.valid, 0.0)
 
 
 class VTW(Policy):
@@ -333,6 +347,7 @@ class ATP(Staged):
 
     name = "atp"
     stages = ("llm",)
+    batched = True
     signals = ("text_attn", "attn")
     adaptive = True
     paper = "ATP-LLaVA, CVPR'25"
@@ -355,3 +370,32 @@ class ATP(Staged):
         rest = rest.nonzero().flatten()
         extra = rest[evenly_spaced(len(rest), min(c_sp, len(rest)))]
         return Plan(keep=torch.cat([top, extra]).sort().values, scores=score)
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan:
+        """The thresholds for the whole batch; the adaptive count is read once per stage."""
+        score = text_relevance_batch(bt)
+        ns = [sum(c) for c in bt.counts]
+        n_t = torch.tensor(ns, dtype=torch.float64).to(score.device, non_blocking=True)
+        mean = score.sum(1) / n_t.clamp(min=1)
+        above = ((score > mean.unsqueeze(1)) & bt.valid).sum(1)
+        ks = torch.tensor([sum(self.targets(bt.meta(b))) for b in range(bt.batch)], dtype=torch.float64)
+        ks = ks.to(score.device, non_blocking=True)
+        c = torch.round(ks * above / (n_t / 2).clamp(min=1e-30)).clamp(max=torch.minimum(n_t, 2 * ks)).clamp(min=1)
+        cs = [int(v) if n else 0 for v, n in zip(c.tolist(), ns)]  # the adaptive count: one read per stage
+        sp = float(self.options["spatial"])
+        c_sp = [int(round(sp * v)) if v > 1 else 0 for v in cs]
+        top = topk_keep(score, bt.valid, [v - w for v, w in zip(cs, c_sp)])
+        n = bt.valid.shape[1]
+        taken = torch.zeros(bt.batch, n + 1, dtype=torch.bool, device=score.device)
+        taken.scatter_(1, torch.where(top >= 0, top, n), True)
+        rest = mask_positions(bt.valid & ~taken[:, :n], n)
+        picks = [evenly_spaced(r, min(w, r)) for r, w in zip([x - (v - w) for x, v, w in zip(ns, cs, c_sp)], c_sp)]
+        width = max((len(p) for p in picks), default=0)
+        pick = torch.full((bt.batch, width), -1, dtype=torch.long)
+        for b, p in enumerate(picks):  # host lists from host counts
+            pick[b, : len(p)] = p
+        pick = pick.to(score.device, non_blocking=True)
+        extra = torch.where(pick >= 0, torch.gather(rest, 1, pick.clamp(min=0)), n)
+        taken.scatter_(1, extra, True)
+        keep = mask_positions(taken[:, :n], max(cs, default=0))
+        return BatchPlan(keep, scores=score, totals=cs)

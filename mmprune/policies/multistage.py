@@ -11,9 +11,9 @@ import torch
 from ..config import PruneConfig
 from ._ops import bipartite_merge, segmentwise
 from .base import Plan, Policy, Tokens, resolve_budget
-from .batch import BatchPlan, BatchTokens, topk_keep
+from .batch import BatchPlan, BatchTokens, mask_positions, topk_keep
 from .diversity import DivPrune
-from .inllm import _text_relevance
+from .inllm import _text_relevance, text_relevance_batch
 
 
 def _stage_options(config, keys) -> dict:
@@ -189,6 +189,7 @@ class ToDREWithdraw(Policy):
     stages = ("llm",)
     signals = ("text_attn",)
     adaptive = True
+    batched = True
 
     @classmethod
     def option_defaults(cls):
@@ -199,6 +200,16 @@ class ToDREWithdraw(Policy):
         if tokens.text_attn is not None and float(rel.sum()) < float(self.options["mass"]):
             return Plan(keep=torch.zeros(0, dtype=torch.long), scores=rel)
         return Plan(keep=(rel >= rel.mean()).nonzero().flatten(), scores=rel)
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan | None:
+        """The withdrawal for the whole batch; the adaptive count is read once per stage."""
+        if bt.text_attn is None:
+            return None
+        rel = text_relevance_batch(bt)
+        mean = rel.sum(1, keepdim=True) / bt.valid.sum(1, keepdim=True).clamp(min=1)
+        kept = bt.valid & (rel >= mean) & (rel.sum(1, keepdim=True) >= float(self.options["mass"]))
+        totals = kept.sum(1).tolist()  # the adaptive count: one read per stage
+        return BatchPlan(mask_positions(kept, max(totals, default=0)), scores=rel, totals=totals)
 
 
 class PreFusion(Policy):
