@@ -115,9 +115,20 @@ class SelectMixin:
             idx = run.rows.clamp(min=0).unsqueeze(1).expand(-1, ta.shape[1], -1)
             signals["text_attn"] = torch.gather(ta, 2, idx).masked_fill((run.rows < 0).unsqueeze(1), 0.0)
             signals["text_attn_valid"] = scores["text_rows"] >= 0
-        if {"question", "text"} & set(stage.policy.signals):
+        sigs = set(stage.policy.signals)
+        if {"question", "text", "llm_keys", "final_norm"} & sigs:
             q_rows = _question_batch(run)
             signals["question"], signals["question_valid"] = gather_rows(feats, q_rows, 1), q_rows >= 0
+            seq = run.mask2d.long().cumsum(1) - 1  # row -> index in the sample's unpadded sequence
+            signals["rows"] = torch.where(run.rows >= 0, torch.gather(seq, 1, run.rows.clamp(min=0)), -1)
+            signals["question_rows"] = torch.where(q_rows >= 0, torch.gather(seq, 1, q_rows.clamp(min=0)), -1)
+            if "llm_keys" in sigs and scores.get("llm_keys") is not None:  # DART's: the cache's keys at K-1
+                signals["llm_keys"] = gather_rows(scores["llm_keys"], run.rows, 1)
+                signals["question_keys"] = gather_rows(scores["llm_keys"], q_rows, 1)
+            if "final_norm" in sigs and stage.layer is not None:  # DART's cosine space: the LM's final norm
+                norm = self.adapter.final_norm()
+                signals["normed"] = norm(gather_rows(feats, run.rows, 1))
+                signals["question_normed"] = norm(signals["question"])
         valid = run.vid >= 0
         return BatchTokens(
             features=gather_rows(feats, run.rows, 1), valid=valid, segment=run.seg,

@@ -81,7 +81,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 # ----------------------------------------------------------------------------- engine: fast == slow
 FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal",
-        "simignore", "cdpruner", "cls_tail", "prumerge+", "aim", "todre", "atp"]
+        "simignore", "cdpruner", "cls_tail", "prumerge+", "aim", "todre", "atp", "dart"]
 
 
 def _slow(monkeypatch, name):
@@ -152,13 +152,14 @@ def test_pruned_prefill_and_decode_add_no_host_sync(family, name, b):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("b", [1, 3])
-@pytest.mark.parametrize("name", ["cls_tail", "prumerge+", "todre", "atp"])
+@pytest.mark.parametrize("name", ["cls_tail", "prumerge+", "todre", "atp", "dart"])
 def test_adaptive_policies_read_once_per_stage(family, b, name):
     m = tiny_model(family)
     samples, prompts = BATCHES[b]
     prefill, decode = _added(m, make_inputs(m, samples, prompt_lens=prompts), name, budget=0.5)
     # one read per adaptive stage (atp: three stages); prumerge+ on LLaVA-1.5 selects in the tower and the
-    # stage reads the merged groups' counts: two reads
+    # stage reads the merged groups' counts: two reads; dart reads its pivots (the official claim order is
+    # a Python set's iteration order, taken from a real set on the host)
     want = {"atp": 3, "prumerge+": 2 if family == "llava" else 1}.get(name, 1)
     assert dict(prefill) == {"tolist": want}
     assert not decode, dict(decode)
@@ -501,6 +502,28 @@ def test_atp_batched_equals_per_sample(layouts, stage, budget, attn):
             t.attn = None
     pol = get_policy("atp")()
     pol.stage_index, pol.num_stages, pol.final_budget = stage, 3, budget
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        assert torch.equal(plan.sample(b).keep.cpu(), ref.keep.cpu()), (b, plan.sample(b).keep, ref.keep)
+        assert plan.totals[b] == len(ref.keep)
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS)
+@pytest.mark.parametrize("budget", [0.5, 0.25, 16, 1.0])
+@pytest.mark.parametrize("options", [{}, {"pivots": 2, "text_pivots": 1}, {"text_pivots": 0}])
+def test_dart_batched_equals_per_sample(layouts, budget, options):
+    g = torch.Generator().manual_seed(20)
+    toks = _ragged(21, layouts, budget=budget, ties=False)
+    for i, t in enumerate(toks):  # in-LLM signals; sequence rows spread so the set order is non-trivial
+        q = 2 + 3 * i
+        t.layer = 2
+        t.llm_keys, t.normed = torch.randn(t.n, 5, generator=g), torch.randn(t.n, 6, generator=g)
+        t.question = torch.randn(q, 6, generator=g)
+        t.question_keys, t.question_normed = torch.randn(q, 5, generator=g), torch.randn(q, 6, generator=g)
+        t.rows = torch.randperm(40 + t.n, generator=g)[: t.n].sort().values + 7 * i
+        t.question_rows = torch.arange(q) + 60 + t.n
+    pol = get_policy("dart")(**options)
     plan = pol.select_batch(BatchTokens.from_tokens(toks))
     for b, t in enumerate(toks):
         ref = pol.select(t)

@@ -122,6 +122,14 @@ class BatchTokens:
                 if q is not None:
                     signals["question"][i, : len(q)] = q
                     signals["question_valid"][i, : len(q)] = True
+        for name in ("question_keys", "question_normed", "question_rows"):  # padded like the question
+            vals = [getattr(t, name) for t in tokens]
+            if all(v is not None for v in vals):
+                width = max(len(v) for v in vals)
+                out = vals[0].new_full((b, width, *vals[0].shape[1:]), -1 if name == "question_rows" else 0)
+                for i, v in enumerate(vals):
+                    out[i, : len(v)] = v
+                signals[name] = out
         tas = [t.text_attn for t in tokens]
         if all(ta is not None for ta in tas):  # [Q, N] per sample -> [B, Q, N] + validity
             width = max(ta.shape[0] for ta in tas)
@@ -130,7 +138,7 @@ class BatchTokens:
             for i, ta in enumerate(tas):
                 signals["text_attn"][i, : ta.shape[0], : ta.shape[1]] = ta
                 signals["text_attn_valid"][i, : ta.shape[0]] = True
-        for name in ("attn", "cls_attn", "keys", "cls_sim", "llm_keys", "pagerank", "normed", "tower_cls"):
+        for name in ("attn", "cls_attn", "keys", "cls_sim", "llm_keys", "pagerank", "normed", "tower_cls", "rows"):
             vals = [getattr(t, name) for t in tokens]
             if all(v is not None for v in vals):
                 out = vals[0].new_zeros(b, n, *vals[0].shape[1:])

@@ -12,9 +12,11 @@ from .batch import (
     dpp_rows,
     kcenter_rows,
     keep_from_rows,
+    mask_positions,
     rows_to_batch,
     segment_features,
     segment_rows,
+    unflatten_counts,
 )
 
 
@@ -161,6 +163,7 @@ class DART(Policy):
 
     name = "dart"
     signals = ("question", "llm_keys", "final_norm")
+    batched = True
     default_layer = 2
     paper = "DART, 2025"
     summary = "pivot tokens; drop the tokens most similar to them"
@@ -210,3 +213,79 @@ class DART(Policy):
             return Plan(keep=keep)
 
         return segmentwise(tokens, one)
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan | None:
+        """``select`` for every image of the batch inside the LLM: pivots by key norm on the device, one read
+        of the pivots' sequence indices (the official claim order is a Python ``set``'s iteration order, so
+        it is taken from a real ``set`` on the host), then the claims as batched top-k rounds."""
+        if bt.llm_keys is None or bt.normed is None or bt.layer is None:
+            return None  # before the LLM: the per-sample fallbacks
+        p_img, p_txt = int(self.options["pivots"]), int(self.options["text_pivots"])
+        index, owner, ks = segment_rows(bt)
+        b, n = bt.features.shape[:2]
+        dev = index.device
+        valid = index >= 0
+        ns = [c for cs in bt.counts for c in cs if c]
+        who = torch.tensor(owner, dtype=torch.long).to(dev, non_blocking=True)
+        norm_img = segment_features(bt.llm_keys, index, owner).float().abs().sum(-1).masked_fill(~valid, float("-inf"))
+        n_img = [min(p_img, c) for c in ns]
+        img = torch.topk(norm_img, max(n_img, default=0), dim=-1).indices if n_img else index[:, :0]
+        rows = segment_features(bt.rows, index, owner)
+        qv = bt.question_valid
+        norm_q = bt.question_keys.float().abs().sum(-1).masked_fill(~qv, float("-inf"))
+        n_q = min(p_txt, norm_q.shape[1])
+        txt = torch.topk(norm_q, n_q, dim=-1).indices if n_q else qv[:, :0].long()
+        host = torch.cat([torch.gather(rows, 1, img).flatten(), torch.gather(bt.question_rows, 1, txt).flatten(),
+                          qv.sum(1)]).tolist()  # the one read per stage
+        img_rows = [host[i * img.shape[1] : i * img.shape[1] + n_img[i]] for i in range(len(ns))]
+        off = len(ns) * img.shape[1]
+        q_len = host[off + b * n_q :]
+        txt_rows = [host[off + j * n_q : off + j * n_q + min(p_txt, q_len[j])] for j in range(b)]
+        # each row's pivots in the official iteration order: ("img", j) / ("txt", j)
+        orders, totals = [], []
+        for i, c in enumerate(ns):
+            kind = {r: ("img", j) for j, r in enumerate(img_rows[i])}
+            kind.update({r: ("txt", j) for j, r in enumerate(txt_rows[owner[i]])})
+            orders.append([kind[r] for r in list(set(img_rows[i] + txt_rows[owner[i]]))])
+            per, left, claimed = ks[i] // max(p_img + p_txt, 1), c - n_img[i], 0
+            for _ in orders[-1]:
+                if per <= 0 or left <= 0:
+                    break
+                take = min(per, left)
+                claimed, left = claimed + take, left - take
+            totals.append(n_img[i] + claimed)
+        vec_rows = segment_features(bt.normed, index, owner).float()
+        q_vec = bt.question_normed.float()[who]
+        taken = torch.zeros(len(ns), index.shape[1] + 1, dtype=torch.bool, device=dev)
+        taken.scatter_(1, img, True)
+        kept = taken.clone()
+        left = [c - k for c, k in zip(ns, n_img)]
+        for step in range(max((len(o) for o in orders), default=0)):
+            takes, src_kind, src_idx = [], [], []
+            for i, o in enumerate(orders):
+                per = ks[i] // max(p_img + p_txt, 1)
+                t = min(per, left[i]) if step < len(o) and per > 0 else 0
+                takes.append(t)
+                left[i] -= t
+                kind, j = o[step] if step < len(o) else ("img", 0)
+                src_kind.append(kind == "txt")
+                src_idx.append(j)
+            if not any(takes):
+                break
+            is_txt = torch.tensor(src_kind).to(dev, non_blocking=True).view(-1, 1)
+            j = torch.tensor(src_idx).to(dev, non_blocking=True).view(-1, 1)
+            v_img = torch.gather(vec_rows, 1, torch.gather(img, 1, j.clamp(max=max(img.shape[1] - 1, 0))).unsqueeze(-1)
+                                 .expand(-1, -1, vec_rows.shape[-1])) if img.shape[1] else vec_rows[:, :1]
+            v_txt = torch.gather(q_vec, 1, torch.gather(txt[who], 1, j.clamp(max=max(n_q - 1, 0))).unsqueeze(-1)
+                                 .expand(-1, -1, q_vec.shape[-1])) if n_q else q_vec[:, :1]
+            vec = torch.where(is_txt.unsqueeze(-1), v_txt, v_img)
+            cos = -torch.nn.functional.cosine_similarity(vec, vec_rows, dim=-1)
+            cos = cos.masked_fill(~valid | taken[:, :-1], float("-inf"))
+            kmax = max(takes)
+            top = torch.topk(cos, kmax, dim=-1).indices
+            ok = torch.arange(kmax, device=dev).view(1, -1) < torch.tensor(takes).to(dev).view(-1, 1)
+            taken.scatter_(1, torch.where(ok, top, index.shape[1]), True)
+            kept.scatter_(1, torch.where(ok, top, index.shape[1]), True)
+        keep = keep_from_rows(mask_positions(kept[:, :-1], max(totals, default=0)), index, owner, totals, b, n)
+        return BatchPlan(keep, counts=unflatten_counts(bt.counts, totals), totals=[
+            sum(t for t, o in zip(totals, owner) if o == i) for i in range(b)])
