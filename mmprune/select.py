@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .apply import Run, apply_plan, gather_rows, stage_trace
+from .apply import Run, apply_plan, gather_rows, gather_slots, stage_trace
 from .policies.base import Plan, Tokens, resolve_budget
 from .policies.batch import BatchPlan, BatchTokens, mask_positions
 from .syncs import host_side
@@ -116,12 +116,15 @@ class SelectMixin:
             signals["text_attn"] = torch.gather(ta, 2, idx).masked_fill((run.rows < 0).unsqueeze(1), 0.0)
             signals["text_attn_valid"] = scores["text_rows"] >= 0
         sigs = set(stage.policy.signals)
-        if {"question", "text", "llm_keys", "final_norm"} & sigs:
+        if {"question", "text", "llm_keys", "final_norm", "input_embeds"} & sigs:
             q_rows = _question_batch(run)
             signals["question"], signals["question_valid"] = gather_rows(feats, q_rows, 1), q_rows >= 0
             seq = run.mask2d.long().cumsum(1) - 1  # row -> index in the sample's unpadded sequence
             signals["rows"] = torch.where(run.rows >= 0, torch.gather(seq, 1, run.rows.clamp(min=0)), -1)
             signals["question_rows"] = torch.where(q_rows >= 0, torch.gather(seq, 1, q_rows.clamp(min=0)), -1)
+            if "input_embeds" in sigs and run.embeds0 is not None:  # SparseVLM's raters: the LM-input embeddings
+                signals["visual_embeds"], signals["visual_valid"] = gather_rows(run.embeds0, run.cols0, 1), run.cols0 >= 0
+                signals["question_embeds"] = gather_rows(run.embeds0, gather_slots(run.orig, q_rows), 1)
             if "llm_keys" in sigs and scores.get("llm_keys") is not None:  # DART's: the cache's keys at K-1
                 signals["llm_keys"] = gather_rows(scores["llm_keys"], run.rows, 1)
                 signals["question_keys"] = gather_rows(scores["llm_keys"], q_rows, 1)

@@ -17,7 +17,7 @@ import torch
 
 import mmprune
 from mmprune.policies import get_policy
-from mmprune.policies.base import Tokens, resolve_budget
+from mmprune.policies.base import Plan, Policy, Tokens, per_segment, resolve_budget
 from mmprune.policies.batch import BatchPlan, BatchTokens, topk_keep
 from mmprune.syncs import added_syncs, count_syncs
 from mmprune.testing import make_inputs, tiny_model
@@ -81,7 +81,7 @@ def test_batch_plan_stack_round_trips_per_sample_plans():
 
 # ----------------------------------------------------------------------------- engine: fast == slow
 FAST = ["uniform", "random", "pool", "none", "vtw", "fastv", "pyramiddrop", "divprune", "visionzip", "tome", "temporal",
-        "simignore", "cdpruner", "cls_tail", "prumerge+", "aim", "todre", "atp", "dart"]
+        "simignore", "cdpruner", "cls_tail", "prumerge+", "aim", "todre", "atp", "dart", "sparsevlm"]
 
 
 def _slow(monkeypatch, name):
@@ -114,7 +114,8 @@ def test_fast_paths_equal_the_per_sample_path(monkeypatch, family, name, dtype):
 
 
 # ----------------------------------------------------------------------------- zero host syncs
-SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore", "cdpruner", "aim"]
+SYNC_FREE = ["uniform", "random", "vtw", "fastv", "pool", "pyramiddrop", "divprune", "visionzip", "tome", "temporal", "simignore", "cdpruner", "aim",
+             "sparsevlm"]
 BATCHES = {1: ([[1]], [5]), 3: ([[1], [1], [1]], [5, 2, 3])}
 
 
@@ -204,16 +205,30 @@ def test_only_batches_read_the_layout_on_the_host():
     mmprune.unwrap(m)
 
 
+class _FirstHalf(Policy):
+    """A custom policy written against the per-sample interface only (the slow path)."""
+
+    name = "first_half"
+
+    def select(self, tokens):
+        return Plan(keep=per_segment(tokens, lambda n, k, _: torch.arange(k)))
+
+
 @torch.no_grad()
-def test_slow_path_policies_still_sync_and_the_recorder_names_the_line():
+def test_custom_per_sample_policies_work_and_the_recorder_names_their_syncs(monkeypatch):
+    from mmprune.policies import _REGISTRY
+
+    monkeypatch.setitem(_REGISTRY, "first_half", _FirstHalf)
     m = tiny_model("llava")
-    batch = make_inputs(m, [[1], [1]], prompt_lens=[5, 3])
+    batch = make_inputs(m, [[1], [1, 1]], prompt_lens=[5, 3])
     base = count_syncs(lambda: m(**batch)).counts
-    mmprune.wrap(m, "sparsevlm", budget=0.25)  # not ported yet: the per-sample path
+    mmprune.wrap(m, "first_half", budget=0.25)
     rec = count_syncs(lambda: m(**batch), stacks=True)
+    kept = [k.tolist() for k in mmprune.trace(m).stages[0].kept]
     mmprune.unwrap(m)
-    assert sum(added_syncs(rec.counts, base).values()) > 0
-    assert any(line.startswith(("engine.py:", "policies/")) for lines in rec.where.values() for line in lines)
+    assert sum(added_syncs(rec.counts, base).values()) > 0  # the per-sample path reads the device
+    assert any(line.startswith(("select.py:", "policies/")) for lines in rec.where.values() for line in lines)
+    assert kept[0] == list(range(len(kept[0]))) and len(kept[1]) == 2 * len(kept[0])
 
 
 @pytest.mark.parametrize("layouts", LAYOUTS)
@@ -528,4 +543,29 @@ def test_dart_batched_equals_per_sample(layouts, budget, options):
     for b, t in enumerate(toks):
         ref = pol.select(t)
         assert torch.equal(plan.sample(b).keep.cpu(), ref.keep.cpu()), (b, plan.sample(b).keep, ref.keep)
+        assert plan.totals[b] == len(ref.keep)
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS + [[[40], [40], [30, 10]]])
+@pytest.mark.parametrize("stage, budget", [(0, 0.25), (1, 0.25), (2, 0.1), (0, 16)])
+@pytest.mark.parametrize("recycle", [True, False])
+@pytest.mark.parametrize("embeds", [True, False])
+def test_sparsevlm_batched_equals_per_sample(layouts, stage, budget, recycle, embeds):
+    g = torch.Generator().manual_seed(22)
+    toks = _with_text_attn(_ragged(23, layouts, budget=budget, ties=False), 24, empty=-1)
+    for t in toks:
+        t.origin = [c + 20 for c in t.segments]
+        if embeds:
+            t.visual_embeds = torch.randn(t.n + 5, 6, generator=g)
+            t.question_embeds = torch.randn(t.text_attn.shape[0], 6, generator=g)
+    pol = get_policy("sparsevlm")(recycle=recycle)
+    pol.stage_index, pol.num_stages, pol.final_budget = stage, 3, budget
+    plan = pol.select_batch(BatchTokens.from_tokens(toks))
+    for b, t in enumerate(toks):
+        ref = pol.select(t)
+        got = plan.sample(b, t.n)
+        assert torch.equal(got.keep.cpu(), ref.keep.cpu()), (b, got.keep, ref.keep)
+        if ref.assign is not None:
+            assert torch.equal(got.assign.cpu(), ref.assign.cpu()), b
+            assert torch.allclose(got.weight.cpu(), ref.weight.cpu()), b
         assert plan.totals[b] == len(ref.keep)

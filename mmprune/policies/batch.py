@@ -122,7 +122,14 @@ class BatchTokens:
                 if q is not None:
                     signals["question"][i, : len(q)] = q
                     signals["question_valid"][i, : len(q)] = True
-        for name in ("question_keys", "question_normed", "question_rows"):  # padded like the question
+        if all(t.visual_embeds is not None for t in tokens):  # SparseVLM's raters
+            width = max(len(t.visual_embeds) for t in tokens)
+            signals["visual_embeds"] = tokens[0].visual_embeds.new_zeros(b, width, tokens[0].visual_embeds.shape[-1])
+            signals["visual_valid"] = torch.zeros(b, width, dtype=torch.bool)
+            for i, t in enumerate(tokens):
+                signals["visual_embeds"][i, : len(t.visual_embeds)] = t.visual_embeds
+                signals["visual_valid"][i, : len(t.visual_embeds)] = True
+        for name in ("question_keys", "question_normed", "question_rows", "question_embeds"):  # like the question
             vals = [getattr(t, name) for t in tokens]
             if all(v is not None for v in vals):
                 width = max(len(v) for v in vals)

@@ -12,7 +12,14 @@ import torch
 from ..config import PruneConfig
 from ._ops import attention_received, evenly_spaced, topk_indices
 from .base import Plan, Policy, Tokens, resolve_budget
-from .batch import BatchPlan, BatchTokens, attention_received_rows, mask_positions, topk_keep
+from .batch import (
+    BatchPlan,
+    BatchTokens,
+    attention_received_rows,
+    mask_positions,
+    position_in_keep,
+    topk_keep,
+)
 
 
 def pyramid_layers(num_layers: int, start: int | None = None, fractions=(0.25, 0.5, 0.75)) -> list[int]:
@@ -229,6 +236,25 @@ def density_peak_merge(x: torch.Tensor, cluster_num: int):
     return index_down[0], idx_cluster
 
 
+def density_peak_rows(x: torch.Tensor, cluster_num: int):
+    """``density_peak_merge`` for ``G`` rows of the same size at once: ``x [G, M, C]`` -> ``(centres [G,
+    cluster_num], assign [G, M])``; the same per-row noise (a generator seeded 0, as there)."""
+    g, n, c = x.shape
+    dist_matrix = (x[:, :, None, :] - x[:, None, :, :]).norm(dim=-1, p=2) / (c**0.5)
+    dist_nearest, _ = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
+    density = (-(dist_nearest**2).mean(dim=-1)).exp()
+    noise = torch.rand((1, n), generator=torch.Generator().manual_seed(0), dtype=density.dtype)
+    density = density + noise.to(density.device, non_blocking=True) * 1e-6
+    mask = (density[:, None, :] > density[:, :, None]).type(x.dtype)
+    dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
+    dist, _ = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
+    _, index_down = torch.topk(dist * density, k=cluster_num, dim=-1)
+    rows = torch.gather(dist_matrix, 1, index_down.unsqueeze(-1).expand(-1, -1, n))  # [G, k, M]
+    idx_cluster = rows.argmin(dim=1)
+    idx_cluster.scatter_(1, index_down, torch.arange(cluster_num, device=x.device).expand(g, cluster_num))
+    return index_down, idx_cluster
+
+
 class SparseVLM(Staged):
     """SparseVLM (Zhang et al., ICML'25): text raters rate visual tokens; deleted tokens are recycled.
 
@@ -260,6 +286,7 @@ class SparseVLM(Staged):
     name = "sparsevlm"
     stages = ("llm",)
     signals = ("text_attn", "input_embeds")
+    batched = True
     paper = "SparseVLM, ICML'25"
     summary = "text raters rate visual tokens, official per-layer counts, recycling"
 
@@ -319,6 +346,67 @@ class SparseVLM(Staged):
         weight = torch.ones(n)
         weight[pool] = 1.0 / (size[member] + 1e-6)  # the official norm_weight
         return Plan(keep=keep, assign=assign, weight=weight, scores=relation, reduce="sum")
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan | None:
+        """``select`` for the whole batch: raters, ranking and density-peak recycling as batched tensor
+        algebra (samples with equal counts cluster together); every count comes from the official table."""
+        if bt.text_attn is None:
+            return None  # the per-sample fallbacks
+        b, n = bt.valid.shape
+        dev = bt.valid.device
+        ns = [sum(c) for c in bt.counts]
+        qv = bt.text_attn_valid
+        p = bt.text_attn.float()
+        if bt.visual_embeds is not None and bt.question_embeds is not None:
+            v, t = bt.visual_embeds.float(), bt.question_embeds.float()
+            vv = bt.visual_valid
+            m_v_t = (v @ t.transpose(1, 2)).masked_fill(~qv.unsqueeze(1), float("-inf")).softmax(2)
+            m_v_t = (m_v_t * vv.unsqueeze(-1)).sum(1) / vv.sum(1, keepdim=True).clamp(min=1)  # [B, Q]
+            mean = (m_v_t * qv).sum(1, keepdim=True) / qv.sum(1, keepdim=True).clamp(min=1)
+            raters = qv & (m_v_t > mean)
+        else:
+            raters = qv
+        relation = (p * raters.unsqueeze(-1)).sum(1) / raters.sum(1, keepdim=True).clamp(min=1)
+        relation = torch.where(qv.any(1, keepdim=True), relation, text_relevance_batch(bt))
+        relation = relation.masked_fill(~bt.valid, float("-inf"))
+        keep_n = [max(1, min(self.counts(bt.meta(i)) if self.final_budget is not None else sum(bt.budgets[i]),
+                             c - 1)) if c else 0 for i, c in enumerate(ns)]
+        top = torch.topk(relation, max(keep_n, default=0), dim=-1).indices
+        ok = torch.arange(top.shape[1], device=dev).view(1, -1) < torch.tensor(keep_n).to(dev).view(-1, 1)
+        kept = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
+        kept.scatter_(1, torch.where(ok, top, n), True)
+        kept = kept[:, :n]
+        scores = relation.masked_fill(~bt.valid, 0.0)
+        recycle = [bool(self.options["recycle"]) and 0 < k < c for k, c in zip(keep_n, ns)]
+        assign = torch.where(kept, kept.long().cumsum(1) - 1, -1)  # kept tokens: their own column, for now
+        weight = torch.ones(b, n, device=dev)
+        rep = torch.where(kept, torch.arange(n, device=dev), -1)
+        shapes: dict = {}
+        for i, (r, k, c) in enumerate(zip(recycle, keep_n, ns)):
+            if r:
+                m = int((c - k) * 0.3) + 1
+                shapes.setdefault((m, int(m / 10) + 1), []).append(i)
+        for (m, cn), rows in shapes.items():  # recycling: the best-rated deleted tokens, clustered
+            sel = torch.tensor(rows).to(dev, non_blocking=True)
+            rel = relation[sel].masked_fill(kept[sel], float("-inf"))
+            pool = torch.topk(rel, m, dim=-1).indices  # [G, m], the official order
+            x = torch.gather(bt.features[sel].float(), 1, pool.unsqueeze(-1).expand(-1, -1, bt.features.shape[-1]))
+            centres, member = density_peak_rows(x, cn)
+            size = torch.zeros(len(rows), cn, device=dev).scatter_add_(1, member, torch.ones(len(rows), m, device=dev))
+            centre_tok = torch.gather(pool, 1, centres)  # [G, cn] slots
+            rep_g = rep[sel]
+            rep_g.scatter_(1, pool, torch.gather(centre_tok, 1, member))
+            rep[sel] = rep_g
+            w_g = weight[sel]
+            w_g.scatter_(1, pool, 1.0 / (torch.gather(size, 1, member) + 1e-6))  # the official norm_weight
+            weight[sel] = w_g
+        members = rep == torch.arange(n, device=dev)
+        totals = [k + (int((c - k) * 0.3) + 1) // 10 + 1 if r else k for k, c, r in zip(keep_n, ns, recycle)]
+        keep = mask_positions(members, max(totals, default=0))
+        assign = position_in_keep(keep, rep, n)
+        merged = any(recycle)
+        return BatchPlan(keep, assign if merged else None, weight if merged else None, scores=scores,
+                         reduce="sum" if merged else "mean", totals=totals)
 
 
 class ATP(Staged):
