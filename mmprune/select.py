@@ -2,7 +2,9 @@
 
 Three routes, fastest first (``mmprune.policies.batch``): a policy's own ``select_batch`` on padded device
 tensors; a data-free policy's plan, computed once per layout on the host and cached; or the per-sample
-``select(Tokens)`` (custom policies, and those not ported yet), whose ``Tokens`` views this module builds.
+``select(Tokens)`` (custom policies, and the cases a batched policy hands back: ToMe continuing the CLIP
+tower's groups, DART before the LLM, a signal a family cannot give), whose ``Tokens`` views this module
+builds.
 """
 
 from __future__ import annotations

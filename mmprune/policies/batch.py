@@ -11,12 +11,17 @@ tensor without a device-to-host synchronisation (issue 19: a pruned llava prefil
 Three ways a policy gets there:
 
 - ``select_batch`` of its own (``Policy.batched = True``): device-resident selection over the whole batch
-  (FastV's top-k, PyramidDrop's).
+  (every registered policy with data-dependent selection has one; it returns None for the cases it leaves
+  to ``select``).
 - ``Policy.data_free = True``: the plan depends only on the layout (counts, budgets, grids), never on
-  features (uniform, random, pool, none); the engine runs the per-sample ``select`` once on host metadata,
-  caches the batched plan per layout and device, and reuses it.
-- Neither (custom policies written against ``select(Tokens)``, and the policies not ported yet): the engine
-  builds each sample's ``Tokens`` and calls ``select`` sample by sample (the slow path, which syncs).
+  features (uniform, random, pool, none, vtw); the engine runs the per-sample ``select`` once on host
+  metadata, caches the batched plan per layout and device, and reuses it.
+- Neither (custom policies written against ``select(Tokens)``): the engine builds each sample's ``Tokens``
+  and calls ``select`` sample by sample (the slow path, which syncs).
+
+Per-image work runs once over every image of the batch: ``segment_rows`` lays each (sample, image) out as
+one row, the batched ``_ops`` equivalents (``kcenter_rows``, ``dpp_rows``, ``bipartite_rows``, ``topk_keep``)
+select per row, and ``keep_from_rows`` / ``rows_to_batch`` put the result back per sample.
 
 Example:
     >>> import torch
