@@ -92,6 +92,10 @@ class BatchTokens:
             raise AttributeError(name)
         return None
 
+    def fixed_counts(self) -> list[list[int]]:
+        """Per sample, per segment: ``min(budget, count)``, what a policy keeping each segment's budget keeps."""
+        return [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(self.counts, self.budgets)]
+
     def meta(self, b: int) -> Tokens:
         """Sample b's host metadata as a ``Tokens`` with no features (``[n, 0]`` on the CPU): what count
         rules (``Staged.targets``) and data-free policies read."""
@@ -183,6 +187,10 @@ class BatchPlan:
     premerged: bool = False
     counts: list[list[int]] | None = None
     totals: list[int] | None = None
+
+    def __post_init__(self):
+        if self.totals is None and self.counts is not None:
+            self.totals = [sum(c) for c in self.counts]
 
     def sample(self, b: int, n: int | None = None) -> Plan:
         """Sample b's plan in the per-sample form (padding removed); ``n`` trims ``assign`` / ``weight`` to

@@ -47,7 +47,7 @@ class DivPrune(Policy):
         index, owner, ks = segment_rows(tokens)
         sel = kcenter_rows(segment_features(tokens.features, index, owner), index >= 0, max(ks, default=0))
         totals = [sum(k for k, o in zip(ks, owner) if o == b) for b in range(tokens.batch)]
-        counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(tokens.counts, tokens.budgets)]
+        counts = tokens.fixed_counts()
         return BatchPlan(keep_from_rows(sel, index, owner, ks, tokens.batch, tokens.features.shape[1]), counts=counts, totals=totals)
 
 
@@ -131,9 +131,8 @@ class CDPruner(Policy):
         rel = rel.masked_fill(~valid, 0.0)
         kernel = rel.unsqueeze(-1) * sim * rel.unsqueeze(1)
         keep = keep_from_rows(dpp_rows(kernel, valid, max(ks, default=0)), index, owner, ks, b, n)
-        counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
-        return BatchPlan(keep, scores=rows_to_batch(rel, index, owner, b, n, fill=0.0), counts=counts,
-                         totals=[sum(c) for c in counts])
+        counts = bt.fixed_counts()
+        return BatchPlan(keep, scores=rows_to_batch(rel, index, owner, b, n, fill=0.0), counts=counts)
 
 
 class DART(Policy):

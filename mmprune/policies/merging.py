@@ -158,9 +158,8 @@ def bipartite_batch(bt: BatchTokens, metric_src: torch.Tensor, mode: str) -> Bat
     keep = keep_from_rows(mask_positions(kept[:, :-1], max(ks, default=0)), index, owner, ks, b, n)
     rep_slot = torch.where(rep_pos >= 0, torch.gather(index, 1, rep_pos.clamp(min=0)), -1)
     assign = position_in_keep(keep, rows_to_batch(rep_slot, index, owner, b, n, fill=-1), n)
-    counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
-    return BatchPlan(keep, assign, rows_to_batch(weight, index, owner, b, n, fill=0.0), counts=counts,
-                     totals=[sum(c) for c in counts])
+    counts = bt.fixed_counts()
+    return BatchPlan(keep, assign, rows_to_batch(weight, index, owner, b, n, fill=0.0), counts=counts)
 
 
 class VisionZip(Policy):
@@ -275,11 +274,7 @@ class VisionZip(Policy):
         splits = [self._split(c, min(k, c), has_cls) for cs, ks in zip(bt.counts, bt.budgets) for c, k in zip(cs, ks) if c]
         ks = [d + c for d, c, _ in splits]
         b, n = bt.features.shape[:2]
-        counts = [[0] * len(cs) for cs in bt.counts]
-        it = iter(ks)
-        for i, cs in enumerate(bt.counts):
-            for j, c in enumerate(cs):
-                counts[i][j] = next(it) if c else 0
+        counts = unflatten_counts(bt.counts, ks)
         totals = [sum(c) for c in counts]
         valid = index >= 0
         if bt.tower_assign is not None:  # merged before the projector: read the groups it made
@@ -380,7 +375,7 @@ class PruMergePlus(Policy):
         index, owner, ks = segment_rows(bt)
         b, n = bt.features.shape[:2]
         dev = index.device
-        fixed = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
+        fixed = bt.fixed_counts()
         if bt.tower_assign is not None:  # selected and merged before the projector, as the official code
             return premerged_batch(bt, None if adaptive else fixed)
         s_rows, m = index.shape
@@ -455,8 +450,7 @@ class PruMergePlus(Policy):
         assign = position_in_keep(keep, rows_to_batch(rep_slot, index, owner, b, n, fill=-1), n)
         combine = combine_batch(rows_c, members, index, owner, keep, n)
         counts = fixed if not adaptive else unflatten_counts(bt.counts, counts_h)
-        return BatchPlan(keep, assign, combine=combine, scores=rows_to_batch(score, index, owner, b, n, fill=0.0),
-                         counts=counts, totals=[sum(c) for c in counts])
+        return BatchPlan(keep, assign, combine=combine, scores=rows_to_batch(score, index, owner, b, n, fill=0.0), counts=counts)
 
     def _one(self, t: Tokens) -> Plan:
         done = premerged_plan(t)
@@ -737,9 +731,8 @@ class Temporal(Policy):
         keep = keep_from_rows(mask_positions((group == ar) & valid, max(ks, default=0)), index, owner, ks, b, n)
         rep_slot = torch.where(group >= 0, torch.gather(index, 1, group.clamp(min=0)), -1)
         assign = position_in_keep(keep, rows_to_batch(rep_slot, index, owner, b, n, fill=-1), n)
-        counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
-        return BatchPlan(keep, assign, rows_to_batch(sizes, index, owner, b, n, fill=0.0), counts=counts,
-                         totals=[sum(c) for c in counts])
+        counts = bt.fixed_counts()
+        return BatchPlan(keep, assign, rows_to_batch(sizes, index, owner, b, n, fill=0.0), counts=counts)
 
     def _one(self, t: Tokens) -> Plan:
         n, k = t.n, t.budgets[0]

@@ -14,6 +14,7 @@ from .batch import (
     segment_features,
     segment_rows,
     topk_keep,
+    unflatten_counts,
 )
 
 
@@ -75,13 +76,8 @@ class ClsTail(Policy):
         heads = head.tolist()  # the adaptive count: one read per stage
         ks = [min(h, k) for h, k in zip(heads, ks)]
         keep = keep_from_rows(topk_keep(score, valid, ks), index, owner, ks, b, n)
-        counts = [[0] * len(cs) for cs in bt.counts]
-        it = iter(ks)
-        for i, cs in enumerate(bt.counts):
-            for j, c in enumerate(cs):
-                counts[i][j] = next(it) if c else 0
-        return BatchPlan(keep, scores=rows_to_batch(score, index, owner, b, n, fill=0.0), counts=counts,
-                         totals=[sum(c) for c in counts])
+        counts = unflatten_counts(bt.counts, ks)
+        return BatchPlan(keep, scores=rows_to_batch(score, index, owner, b, n, fill=0.0), counts=counts)
 
 
 class SimIgnore(Policy):
@@ -146,6 +142,5 @@ class SimIgnore(Policy):
         fallback = (xn @ normed(mean).unsqueeze(-1)).squeeze(-1)  # no text at all: the image's mean token
         s = torch.where(qv.any(-1, keepdim=True), s, fallback).masked_fill(~valid, 0.0)
         keep = keep_from_rows(topk_keep(s, valid, ks), index, owner, ks, b, n)
-        counts = [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(bt.counts, bt.budgets)]
-        return BatchPlan(keep, scores=rows_to_batch(s, index, owner, b, n, fill=0.0), counts=counts,
-                         totals=[sum(c) for c in counts])
+        counts = bt.fixed_counts()
+        return BatchPlan(keep, scores=rows_to_batch(s, index, owner, b, n, fill=0.0), counts=counts)
