@@ -85,6 +85,14 @@ class Run:
             self.counts = [host[b][: len(o)] for b, o in enumerate(self.origin)]
         return self.counts
 
+    def sequence_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows [B, K]`` (current rows, -1 pad) -> each row's index in its sample's unpadded sequence."""
+        return gather_slots(self.mask2d.long().cumsum(1) - 1, rows)
+
+    def slot_positions(self) -> torch.Tensor:
+        """``[B, N]``: each surviving slot's original index inside its segment (0 on padding)."""
+        return torch.where(self.vid >= 0, torch.gather(self.pos0, 1, self.vid.clamp(min=0)), 0)
+
     def slot_of_original(self) -> torch.Tensor:
         """``[B, V0]``: each original visual token's current slot (-1: not a surviving slot)."""
         b, n = self.vid.shape

@@ -17,7 +17,7 @@ import torch
 
 from .apply import Run, apply_plan, gather_rows, gather_slots, stage_trace
 from .policies.base import Plan, Tokens, resolve_budget
-from .policies.batch import BatchPlan, BatchTokens, mask_positions
+from .policies.batch import BatchPlan, BatchTokens, mask_positions, meta_tokens
 from .syncs import host_side
 
 if TYPE_CHECKING:
@@ -25,9 +25,8 @@ if TYPE_CHECKING:
 
 
 def _question_batch(run: Run) -> torch.Tensor:
-    """``[B, Q]`` current rows of each sample's question, as ``_question_rows`` (the valid text rows after
-    its last visual row, else all its text rows), -1 padded; ``Q`` from the host counts (text rows at most),
-    so no read."""
+    """``[B, Q]`` current rows of each sample's question (the valid text rows after its last visual row, else
+    all its text rows), -1 padded; ``Q`` from the host counts (text rows at most), so no read."""
     b, p = run.mask2d.shape
     dev = run.mask2d.device
     vis = torch.zeros(b, p + 1, dtype=torch.bool, device=dev)
@@ -39,6 +38,11 @@ def _question_batch(run: Run) -> torch.Tensor:
     after = text & (ar > last)
     q = torch.where(after.any(1, keepdim=True), after, text)
     return mask_positions(q, max((r - t for r, t in zip(run.nrows, run.totals)), default=0))
+
+
+def _budgets(stage: Stage, counts: list) -> list:
+    """Per sample, per segment: the stage's budget resolved on the segment's current count (0 for 0)."""
+    return [[resolve_budget(stage.config.budget, c) for c in cs] for cs in counts]
 
 
 def _plan_counts(plans: list, counts: list, segs: list | None = None) -> list:
@@ -60,19 +64,6 @@ def _plan_counts(plans: list, counts: list, segs: list | None = None) -> list:
 
 class SelectMixin:
     """The engine's stage methods: select, then ``apply.apply_plan`` (mixed into ``Engine``)."""
-
-    @staticmethod
-    def _question_rows(run: Run, b: int) -> torch.Tensor:
-        """Current rows of sample b's question: valid text rows after its last visual row (else all text)."""
-        valid = run.mask2d[b].bool().clone()
-        vis = run.vis_rows[b]
-        valid[vis] = False
-        rows = valid.nonzero().flatten()
-        if len(vis) and len(rows):
-            after = rows[rows > vis.max()]
-            if len(after):
-                return after
-        return rows
 
     def _apply_stage(self, stage: Stage, run: Run, feats: torch.Tensor, scores=None):
         """Select (batched, data-free or per sample), merge if planned, drop rows; returns (feats of the
@@ -104,7 +95,7 @@ class SelectMixin:
     def _batch_tokens(self, stage: Stage, run: Run, feats, scores: dict) -> BatchTokens:
         """The batch's visual tokens as padded tensors (native ``select_batch`` policies)."""
         counts = run.seg_counts()
-        budgets = [[resolve_budget(stage.config.budget, c) if c else 0 for c in cs] for cs in counts]
+        budgets = _budgets(stage, counts)
         signals = {}
         for name in ("attn", "pagerank"):  # LLM signals over the current rows -> the visual slots
             if scores.get(name) is not None:
@@ -121,9 +112,7 @@ class SelectMixin:
         if {"question", "text", "llm_keys", "final_norm", "input_embeds"} & sigs:
             q_rows = _question_batch(run)
             signals["question"], signals["question_valid"] = gather_rows(feats, q_rows, 1), q_rows >= 0
-            seq = run.mask2d.long().cumsum(1) - 1  # row -> index in the sample's unpadded sequence
-            signals["rows"] = torch.where(run.rows >= 0, torch.gather(seq, 1, run.rows.clamp(min=0)), -1)
-            signals["question_rows"] = torch.where(q_rows >= 0, torch.gather(seq, 1, q_rows.clamp(min=0)), -1)
+            signals["rows"], signals["question_rows"] = run.sequence_index(run.rows), run.sequence_index(q_rows)
             if "input_embeds" in sigs and run.embeds0 is not None:  # SparseVLM's raters: the LM-input embeddings
                 signals["visual_embeds"], signals["visual_valid"] = gather_rows(run.embeds0, run.cols0, 1), run.cols0 >= 0
                 signals["question_embeds"] = gather_rows(run.embeds0, gather_slots(run.orig, q_rows), 1)
@@ -137,7 +126,7 @@ class SelectMixin:
         valid = run.vid >= 0
         return BatchTokens(
             features=gather_rows(feats, run.rows, 1), valid=valid, segment=run.seg,
-            pos=torch.where(valid, torch.gather(run.pos0, 1, run.vid.clamp(min=0)), 0), sizes=run.sizes(),
+            pos=run.slot_positions(), sizes=run.sizes(),
             counts=counts, budgets=budgets, origin=run.origin, grids=run.grids, layer=stage.layer, signals=signals,
         )
 
@@ -167,15 +156,13 @@ class SelectMixin:
         if hit is None:
             with host_side():
                 plans, ns = [], []
-                for b, cs in enumerate(counts):
+                for b, (cs, bs) in enumerate(zip(counts, _budgets(stage, counts))):
                     n = sum(cs)
                     ns.append(n)
                     if not n:
                         plans.append(None)
                         continue
-                    tok = Tokens(torch.zeros(n, 0), list(cs), [resolve_budget(stage.config.budget, c) for c in cs],
-                                 grids=list(run.grids[b]), layer=stage.layer, origin=list(run.origin[b]))
-                    plan = stage.policy.select(tok)
+                    plan = stage.policy.select(meta_tokens(cs, bs, run.grids[b], stage.layer, run.origin[b]))
                     self._check_plan(stage, plan, n)
                     plans.append(plan)
                 batch = BatchPlan.stack(plans, ns)
@@ -191,13 +178,12 @@ class SelectMixin:
         those without a batched port; syncs)."""
         sigs = set(stage.policy.signals)
         counts = run.seg_counts()
+        budgets = _budgets(stage, counts)
         # the engine's own host views of every sample in one read (sequence index, segment, position, size)
-        valid = run.vid >= 0
-        seq = run.mask2d.long().cumsum(1) - 1
-        host = torch.stack([
-            torch.gather(seq, 1, run.rows.clamp(min=0)).double(), run.seg.double(),
-            torch.where(valid, torch.gather(run.pos0, 1, run.vid.clamp(min=0)), 0).double(), run.sizes().double(),
-        ]).cpu()
+        host = torch.stack([run.sequence_index(run.rows).double(), run.seg.double(), run.slot_positions().double(),
+                            run.sizes().double()]).cpu()
+        q_all = _question_batch(run) if sigs & {"question", "llm_keys", "final_norm", "input_embeds"} else None
+        q_seq = None if q_all is None else run.sequence_index(q_all)
         plans, ns = [], []
         for i in range(len(run.totals)):
             n = run.totals[i]
@@ -205,7 +191,8 @@ class SelectMixin:
             if not n:
                 plans.append(None)
                 continue
-            tok = self._tokens(stage, run, i, feats, counts[i], scores, sigs, host[:, i, :n])
+            q = None if q_all is None else (q_all[i][q_all[i] >= 0], q_seq[i][q_all[i] >= 0])
+            tok = self._tokens(stage, run, i, feats, counts[i], budgets[i], scores, sigs, host[:, i, :n], q)
             plan: Plan = stage.policy.select(tok)
             self._check_plan(stage, plan, n)
             plans.append(plan)
@@ -213,15 +200,16 @@ class SelectMixin:
         batch.counts = _plan_counts(plans, counts, [host[1, i, :n].long() for i, n in enumerate(ns)])
         return batch.to(feats.device), batch.totals
 
-    def _tokens(self, stage, run: Run, i: int, feats, counts, scores: dict, sigs: set, host) -> Tokens:
+    def _tokens(self, stage, run: Run, i: int, feats, counts, budgets, scores: dict, sigs: set, host,
+                question_rows) -> Tokens:
         """The ``Tokens`` view of sample i's visual rows, with the signals the stage's policy declared;
-        ``host [4, n]``: its sequence indices, segments, positions and sizes, already on the host."""
+        ``host [4, n]``: its sequence indices, segments, positions and sizes, already on the host;
+        ``question_rows``: (current rows, sequence indices) of its question, where a signal needs them."""
         n = run.totals[i]
         rows, ids = run.rows[i, :n], run.vid[i, :n]
         text = question = None
-        seq = run.mask2d[i].long().cumsum(0) - 1  # row -> index in the sample's unpadded current sequence
         extra = {"rows": host[0].long()}
-        q_rows = self._question_rows(run, i) if sigs & {"question", "llm_keys", "final_norm", "input_embeds"} else None
+        q_rows = None if question_rows is None else question_rows[0]
         if "text" in sigs or "question" in sigs:
             t = run.mask2d[i].bool().clone()
             t[rows] = False
@@ -229,7 +217,7 @@ class SelectMixin:
             if "question" in sigs:
                 question = feats[i][q_rows]
         if q_rows is not None:
-            extra["question_rows"] = seq[q_rows].cpu()
+            extra["question_rows"] = question_rows[1].cpu()
         if "input_embeds" in sigs and run.embeds0 is not None:  # SparseVLM's raters: the LM-input embeddings
             extra["visual_embeds"] = run.embeds0[i, run.cols0[i, : sum(run.origin[i])]]
             extra["question_embeds"] = run.embeds0[i, run.orig[i, q_rows]]
@@ -252,7 +240,7 @@ class SelectMixin:
         return Tokens(
             features=feats[i, rows],
             segments=list(counts),
-            budgets=[resolve_budget(stage.config.budget, c) for c in counts],
+            budgets=list(budgets),
             grids=list(run.grids[i]),
             attn=None if attn is None else attn[i, rows],
             text=text if "text" in sigs else None,

@@ -43,6 +43,13 @@ import torch
 from .base import Plan, Tokens
 
 
+def meta_tokens(counts: list[int], budgets: list[int], grids: list, layer, origin: list[int]) -> Tokens:
+    """One sample's host metadata as a ``Tokens`` with no features (``[n, 0]`` on the CPU): what count rules
+    (``Staged.targets``) and data-free policies read."""
+    return Tokens(torch.zeros(sum(counts), 0), list(counts), list(budgets), grids=list(grids), layer=layer,
+                  origin=list(origin))
+
+
 @dataclass
 class BatchTokens:
     """The visual tokens of the whole batch entering a stage, padded to ``N`` per sample.
@@ -97,11 +104,8 @@ class BatchTokens:
         return [[min(k, c) if c else 0 for c, k in zip(cs, bs)] for cs, bs in zip(self.counts, self.budgets)]
 
     def meta(self, b: int) -> Tokens:
-        """Sample b's host metadata as a ``Tokens`` with no features (``[n, 0]`` on the CPU): what count
-        rules (``Staged.targets``) and data-free policies read."""
-        n = sum(self.counts[b])
-        return Tokens(torch.zeros(n, 0), list(self.counts[b]), list(self.budgets[b]), grids=list(self.grids[b]),
-                      layer=self.layer, origin=list(self.origin[b]))
+        """Sample b's host metadata as a ``Tokens`` with no features (``meta_tokens``)."""
+        return meta_tokens(self.counts[b], self.budgets[b], self.grids[b], self.layer, self.origin[b])
 
     @classmethod
     def from_tokens(cls, tokens: list[Tokens]) -> BatchTokens:
