@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .kernels import gather_tokens, merge_tokens, scatter_tokens
-from .policies.batch import BatchPlan
+from .policies.batch import BatchPlan, slot_mask
 from .traces import StageTrace, Trace
 
 
@@ -234,9 +234,7 @@ def track_groups(run: Run, plan: BatchPlan) -> None:
         new_slot = torch.where(a >= 0, gather_slots(keep, a.clamp(min=0)), -1)
         factor = torch.where(a >= 0, w / torch.gather(total, 1, a.clamp(min=0)).clamp(min=1e-30), 0.0)
     else:
-        marker = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
-        marker.scatter_(1, torch.where(keep >= 0, keep, n), True)
-        new_slot = torch.where(marker[:, :n], torch.arange(n, device=dev), -1)
+        new_slot = torch.where(slot_mask(keep, n), torch.arange(n, device=dev), -1)
         factor = torch.ones(b, n, device=dev)
     new_rep = gather_slots(run.vid, new_slot)
     j = torch.gather(run.slot_of_original(), 1, run.rep.clamp(min=0))
@@ -258,10 +256,8 @@ def apply_plan(run: Run, plan: BatchPlan, feats: torch.Tensor, totals: list[int]
         vis = gather_rows(feats, run.rows, 1)
         feats = scatter_tokens(feats.clone(), rows_k, merged_features(vis, plan, k), check=False)
     track_groups(run, plan)
-    drop = torch.zeros(b, p + 1, dtype=torch.bool, device=dev)
-    drop.scatter_(1, torch.where(run.rows >= 0, run.rows, p), True)
-    drop.scatter_(1, torch.where(rows_k >= 0, rows_k, p), False)
-    alive = (run.orig >= 0) & ~drop[:, :p]
+    drop = slot_mask(run.rows, p) & ~slot_mask(rows_k, p)  # visual rows the plan does not keep
+    alive = (run.orig >= 0) & ~drop
     nrows = [r - (t0 - t1) for r, t0, t1 in zip(run.nrows, run.totals, totals)]
     index = left_pad_index(alive, nrows)
     inv = torch.full((b, p + 1), -1, dtype=torch.long, device=dev)

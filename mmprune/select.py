@@ -17,7 +17,7 @@ import torch
 
 from .apply import Run, apply_plan, gather_rows, gather_slots, stage_trace
 from .policies.base import Plan, Tokens, resolve_budget
-from .policies.batch import BatchPlan, BatchTokens, mask_positions, meta_tokens
+from .policies.batch import BatchPlan, BatchTokens, mask_positions, meta_tokens, slot_mask
 from .syncs import host_side
 
 if TYPE_CHECKING:
@@ -29,9 +29,7 @@ def _question_batch(run: Run) -> torch.Tensor:
     all its text rows), -1 padded; ``Q`` from the host counts (text rows at most), so no read."""
     b, p = run.mask2d.shape
     dev = run.mask2d.device
-    vis = torch.zeros(b, p + 1, dtype=torch.bool, device=dev)
-    vis.scatter_(1, torch.where(run.rows >= 0, run.rows, p), True)
-    vis = vis[:, :p]
+    vis = slot_mask(run.rows, p)
     text = run.mask2d.bool() & ~vis
     ar = torch.arange(p, device=dev)
     last = torch.where(vis, ar, -1).amax(1, keepdim=True) if p else torch.full((b, 1), -1, device=dev)

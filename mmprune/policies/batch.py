@@ -359,6 +359,13 @@ def rows_to_batch(vals: torch.Tensor, index: torch.Tensor, owner: list[int], bat
     return out[: batch * n].view(batch, n)
 
 
+def slot_mask(index: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, n]`` bool, True at every valid (``>= 0``) entry of ``index [B, K]``."""
+    out = torch.zeros(index.shape[0], n + 1, dtype=torch.bool, device=index.device)
+    out.scatter_(1, torch.where(index >= 0, index, n), True)
+    return out[:, :n]
+
+
 def mask_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
     """The first ``k`` True positions of each row of ``mask [S, m]``, ascending (-1 where a row has fewer)."""
     m = mask.shape[1]

@@ -16,6 +16,7 @@ from .batch import (
     rows_to_batch,
     segment_features,
     segment_rows,
+    slot_mask,
     unflatten_counts,
 )
 
@@ -255,9 +256,7 @@ class DART(Policy):
             totals.append(n_img[i] + claimed)
         vec_rows = segment_features(bt.normed, index, owner).float()
         q_vec = bt.question_normed.float()[who]
-        taken = torch.zeros(len(ns), index.shape[1] + 1, dtype=torch.bool, device=dev)
-        taken.scatter_(1, img, True)
-        kept = taken.clone()
+        taken = slot_mask(img, index.shape[1])  # image pivots and every claimed token: what stays
         left = [c - k for c, k in zip(ns, n_img)]
         for step in range(max((len(o) for o in orders), default=0)):
             takes, src_kind, src_idx = [], [], []
@@ -279,12 +278,10 @@ class DART(Policy):
                                  .expand(-1, -1, q_vec.shape[-1])) if n_q else q_vec[:, :1]
             vec = torch.where(is_txt.unsqueeze(-1), v_txt, v_img)
             cos = -torch.nn.functional.cosine_similarity(vec, vec_rows, dim=-1)
-            cos = cos.masked_fill(~valid | taken[:, :-1], float("-inf"))
+            cos = cos.masked_fill(~valid | taken, float("-inf"))
             kmax = max(takes)
             top = torch.topk(cos, kmax, dim=-1).indices
             ok = torch.arange(kmax, device=dev).view(1, -1) < torch.tensor(takes).to(dev).view(-1, 1)
-            taken.scatter_(1, torch.where(ok, top, index.shape[1]), True)
-            kept.scatter_(1, torch.where(ok, top, index.shape[1]), True)
-        keep = keep_from_rows(mask_positions(kept[:, :-1], max(totals, default=0)), index, owner, totals, b, n)
-        return BatchPlan(keep, counts=unflatten_counts(bt.counts, totals), totals=[
-            sum(t for t, o in zip(totals, owner) if o == i) for i in range(b)])
+            taken = taken | slot_mask(torch.where(ok, top, -1), index.shape[1])
+        keep = keep_from_rows(mask_positions(taken, max(totals, default=0)), index, owner, totals, b, n)
+        return BatchPlan(keep, counts=unflatten_counts(bt.counts, totals))

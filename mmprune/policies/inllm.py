@@ -18,6 +18,7 @@ from .batch import (
     attention_received_rows,
     mask_positions,
     position_in_keep,
+    slot_mask,
     topk_keep,
 )
 
@@ -373,9 +374,7 @@ class SparseVLM(Staged):
                              c - 1)) if c else 0 for i, c in enumerate(ns)]
         top = torch.topk(relation, max(keep_n, default=0), dim=-1).indices
         ok = torch.arange(top.shape[1], device=dev).view(1, -1) < torch.tensor(keep_n).to(dev).view(-1, 1)
-        kept = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
-        kept.scatter_(1, torch.where(ok, top, n), True)
-        kept = kept[:, :n]
+        kept = slot_mask(torch.where(ok, top, -1), n)
         scores = relation.masked_fill(~bt.valid, 0.0)
         recycle = [bool(self.options["recycle"]) and 0 < k < c for k, c in zip(keep_n, ns)]
         assign = torch.where(kept, kept.long().cumsum(1) - 1, -1)  # kept tokens: their own column, for now
@@ -474,16 +473,14 @@ class ATP(Staged):
         c_sp = [int(round(sp * v)) if v > 1 else 0 for v in cs]
         top = topk_keep(score, bt.valid, [v - w for v, w in zip(cs, c_sp)])
         n = bt.valid.shape[1]
-        taken = torch.zeros(bt.batch, n + 1, dtype=torch.bool, device=score.device)
-        taken.scatter_(1, torch.where(top >= 0, top, n), True)
-        rest = mask_positions(bt.valid & ~taken[:, :n], n)
+        taken = slot_mask(top, n)
+        rest = mask_positions(bt.valid & ~taken, n)
         picks = [evenly_spaced(r, min(w, r)) for r, w in zip([x - (v - w) for x, v, w in zip(ns, cs, c_sp)], c_sp)]
         width = max((len(p) for p in picks), default=0)
         pick = torch.full((bt.batch, width), -1, dtype=torch.long)
         for b, p in enumerate(picks):  # host lists from host counts
             pick[b, : len(p)] = p
         pick = pick.to(score.device, non_blocking=True)
-        extra = torch.where(pick >= 0, torch.gather(rest, 1, pick.clamp(min=0)), n)
-        taken.scatter_(1, extra, True)
-        keep = mask_positions(taken[:, :n], max(cs, default=0))
+        taken = taken | slot_mask(torch.where(pick >= 0, torch.gather(rest, 1, pick.clamp(min=0)), -1), n)
+        keep = mask_positions(taken, max(cs, default=0))
         return BatchPlan(keep, scores=score, totals=cs)

@@ -30,6 +30,7 @@ from .batch import (
     rows_to_batch,
     segment_features,
     segment_rows,
+    slot_mask,
     topk_keep,
     unflatten_counts,
 )
@@ -286,10 +287,7 @@ class VisionZip(Policy):
             score = attention_received_rows(segment_features(bt.features, index, owner), valid)
         score = score.masked_fill(~valid, 0.0)
         m = index.shape[1]
-        dom = torch.zeros(len(ks), m + 1, dtype=torch.bool, device=dev)
-        top = topk_keep(score, valid, [d for d, _, _ in splits])
-        dom.scatter_(1, torch.where(top >= 0, top, m), True)
-        dom = dom[:, :m]
+        dom = slot_mask(topk_keep(score, valid, [d for d, _, _ in splits]), m)
         rest = valid & ~dom
         rank = rest.long().cumsum(1) - 1
         step = torch.tensor([st for _, _, st in splits]).to(dev, non_blocking=True).view(-1, 1)
@@ -426,8 +424,7 @@ class PruMergePlus(Policy):
             big_r, k2 = n_t.long() - ntop, k_t - ntop
             i = torch.arange(max(ks, default=0), device=dev, dtype=torch.float64).view(1, -1)
             pick = ((i + 0.5) * big_r / k2.clamp(min=1)).floor().long().clamp(max=(big_r - 1).clamp(min=0))
-            hit = torch.zeros(s_rows, m + 1, dtype=torch.bool, device=dev)
-            hit.scatter_(1, torch.where(i < k2, pick, m), True)
+            hit = slot_mask(torch.where(i < k2, pick, -1), m)  # rest ranks the samples pick
             kept = top | (rest & torch.gather(hit, 1, rr.clamp(min=0)))
             extra = torch.zeros(s_rows, 1, dtype=torch.bool, device=dev)
             counts_h = list(ks)
