@@ -160,11 +160,15 @@ def gather_slots(t: torch.Tensor, index: torch.Tensor, fill: int = -1) -> torch.
     return torch.where(index >= 0, torch.gather(t, 1, index.clamp(min=0)), fill)
 
 
+def valid_index(counts: list[int], width: int, device) -> torch.Tensor:
+    """Flat positions of the first ``counts[b]`` entries of each row of a ``[B, width]`` layout (host-built)."""
+    idx = torch.cat([torch.arange(c) + b * width for b, c in enumerate(counts)]) if counts else torch.zeros(0, dtype=torch.long)
+    return idx.to(device, non_blocking=True)
+
+
 def flat_valid(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """The first ``counts[b]`` rows of each sample of ``x [B, K, ...]``, concatenated (host-built index)."""
-    k = x.shape[1]
-    idx = torch.cat([torch.arange(c) + b * k for b, c in enumerate(counts)]) if counts else torch.zeros(0, dtype=torch.long)
-    return x.flatten(0, 1)[idx.to(x.device, non_blocking=True)]
+    """The first ``counts[b]`` rows of each sample of ``x [B, K, ...]``, concatenated."""
+    return x.flatten(0, 1)[valid_index(counts, x.shape[1], x.device)]
 
 
 def left_pad_index(alive: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -206,14 +210,15 @@ def track_groups(run: Run, plan: BatchPlan) -> None:
     b, n = run.vid.shape
     k = keep.shape[1]
     dev = keep.device
+    if plan.assign is not None:  # each token's group column and its weight in it (0: dropped)
+        a = plan.assign.long()
+        w = torch.ones(b, n, device=dev) if plan.weight is None else plan.weight.float()
+        w = torch.where(a >= 0, w, 0.0)
     if plan.combine is not None or run.mix is not None:
         mix = run.mixing()
         if plan.combine is not None:
             step = plan.combine.float()
         elif plan.assign is not None:
-            a = plan.assign.long()
-            w = torch.ones(b, n, device=dev) if plan.weight is None else plan.weight.float()
-            w = torch.where(a >= 0, w, 0.0)
             step = torch.zeros(b, k + 1, n, device=dev)
             step.scatter_(1, torch.where(a >= 0, a, k).unsqueeze(1), w.unsqueeze(1))
             step = step[:, :k]
@@ -225,9 +230,6 @@ def track_groups(run: Run, plan: BatchPlan) -> None:
             step = step[:, :, :n]
         run.mix = step @ mix
     if plan.assign is not None:
-        a = plan.assign.long()
-        w = torch.ones(b, n, device=dev) if plan.weight is None else plan.weight.float()
-        w = torch.where(a >= 0, w, 0.0)
         total = torch.zeros(b, k + 1, device=dev).scatter_add_(1, torch.where(a >= 0, a, k), w)[:, :k]
         if plan.reduce == "sum":
             total = torch.ones_like(total)

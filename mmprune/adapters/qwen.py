@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from ..apply import flat_valid, gather_rows
+from ..apply import flat_valid, gather_rows, valid_index
 from ..syncs import host_side
 from .base import Adapter, VisionCapture
 
@@ -158,9 +158,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
 def unflat(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Flat rows ``[sum(counts), ...]`` in (sample, position) order -> ``[B, max(counts), ...]`` (zero padded)."""
     v = max(counts, default=0)
-    idx = torch.cat([torch.arange(c) + b * v for b, c in enumerate(counts)]) if counts else torch.zeros(0, dtype=torch.long)
     out = x.new_zeros(len(counts) * v, *x.shape[1:])
-    out[idx.to(x.device, non_blocking=True)] = x
+    out[valid_index(counts, v, x.device)] = x
     return out.view(len(counts), v, *x.shape[1:])
 
 
