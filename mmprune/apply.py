@@ -62,7 +62,6 @@ class Run:
     changed: bool = False  # some stage dropped a token (else the post-hook scatter is the identity)
     lm_slot: torch.Tensor | None = None  # [B, N] each slot's index among the LM input's visual slots
     lm_totals: list = field(default_factory=list)  # visual tokens per sample in the LM input
-    host_read: bool = False  # locate read the host copy of input_ids (batch > 1, several modalities)
 
     # per-sample views for the slow path (host-known widths: slicing, no sync)
     @property

@@ -326,16 +326,16 @@ class Engine(SelectMixin, DecodeMixin):
         arange = torch.arange(l0, device=dev).expand(b, l0)
         v0 = lay.cols.shape[1]
         vid0 = torch.where(lay.cols >= 0, torch.arange(v0, device=dev), -1)
+        origin = [[c for _, c, _, _ in s] for s in lay.segs]
         run = Run(
             ctx=ctx, cache=cache, orig=arange, rel=arange, mask2d=mask2d,
             rows=lay.cols, vid=vid0, seg=lay.seg, pos0=lay.pos, cols0=lay.cols,
             rep=vid0.clone(), alpha=torch.ones(b, v0, device=dev),
-            totals=list(lay.n), counts=[[c for _, c, _, _ in s] for s in lay.segs], nrows=[l0] * b,
-            origin=[[c for _, c, _, _ in s] for s in lay.segs], grids=[[g for _, _, g, _ in s] for s in lay.segs],
+            totals=list(lay.n), counts=[list(o) for o in origin], nrows=[l0] * b,
+            origin=origin, grids=[[g for _, _, g, _ in s] for s in lay.segs],
             vsig=[self._vision_signals(s) for s in lay.segs],
             trace=Trace(n_visual=list(lay.n)),
             embeds0=x if any("input_embeds" in s.policy.signals for s in self.stages) else None,
-            host_read=lay.host_read,
         )
         run.trace.notes.extend(self.notes)
         for note in ctx.notes:

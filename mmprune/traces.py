@@ -75,9 +75,11 @@ class Trace:
         if name == "layer_tokens":  # recorded as device tensors [B]; host lists once read (see StageTrace)
             rows = object.__getattribute__(self, "__dict__")["layer_tokens"]
             if any(isinstance(r, torch.Tensor) for r in rows):
-                cache: dict = {}
-                rows[:] = [cache.setdefault(id(r), [int(v) for v in r.tolist()]) if isinstance(r, torch.Tensor) else r
-                           for r in rows]
+                host: dict = {}  # layers after a stage share its tensor: one read each, not one per layer
+                for r in rows:
+                    if isinstance(r, torch.Tensor) and id(r) not in host:
+                        host[id(r)] = [int(v) for v in r.tolist()]
+                rows[:] = [host[id(r)] if isinstance(r, torch.Tensor) else r for r in rows]
             return rows
         return object.__getattribute__(self, name)
 
