@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._ops import normed
 from .base import Plan, Tokens
 
 
@@ -378,6 +379,13 @@ def position_in_keep(keep: torch.Tensor, slots: torch.Tensor, n: int) -> torch.T
     sorted_keep = torch.where(keep >= 0, keep, n + 1)
     pos = torch.searchsorted(sorted_keep.contiguous(), slots.clamp(min=0).contiguous())
     return torch.where(slots >= 0, pos, -1)
+
+
+def mean_similarity_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``_ops.mean_similarity`` per row of ``x [S, m, D]``: each token's cosine to its row's mean valid token."""
+    x = x.float()
+    mean = (x * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+    return (normed(x) @ normed(mean).unsqueeze(-1)).squeeze(-1)
 
 
 def attention_received_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from .batch import (
     BatchPlan,
     BatchTokens,
     keep_from_rows,
+    mean_similarity_rows,
     rows_to_batch,
     segment_features,
     segment_rows,
@@ -62,9 +63,7 @@ class ClsTail(Policy):
         if bt.cls_sim is not None:
             score = segment_features(bt.cls_sim.float(), index, owner)
         else:
-            x = segment_features(bt.features, index, owner).float()
-            mean = (x * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
-            score = (normed(x) @ normed(mean).unsqueeze(-1)).squeeze(-1)
+            score = mean_similarity_rows(segment_features(bt.features, index, owner), valid)
         score = score.masked_fill(~valid, 0.0)
         v = torch.sort(score.double().masked_fill(~valid, float("-inf")), dim=1, descending=True).values
         cnt = valid.sum(1, keepdim=True)
@@ -130,16 +129,15 @@ class SimIgnore(Policy):
         b, n = bt.features.shape[:2]
         valid = index >= 0
         who = torch.tensor(owner, dtype=torch.long).to(index.device, non_blocking=True)
-        xn = normed(segment_features(bt.features, index, owner))
+        x = segment_features(bt.features, index, owner)
+        xn = normed(x)
         q, qv = bt.question[who], bt.question_valid[who]
         sim = xn @ normed(q).transpose(1, 2)  # [S, m, Q]
         if self.options["reduce"] == "mean":
             s = (sim * qv.unsqueeze(1)).sum(-1) / qv.sum(-1, keepdim=True).clamp(min=1)
         else:
             s = sim.masked_fill(~qv.unsqueeze(1), float("-inf")).max(-1).values
-        mean = (segment_features(bt.features, index, owner).float() * valid.unsqueeze(-1)).sum(1)
-        mean = mean / valid.sum(1, keepdim=True).clamp(min=1)
-        fallback = (xn @ normed(mean).unsqueeze(-1)).squeeze(-1)  # no text at all: the image's mean token
+        fallback = mean_similarity_rows(x, valid)  # no text at all: the image's mean token
         s = torch.where(qv.any(-1, keepdim=True), s, fallback).masked_fill(~valid, 0.0)
         keep = keep_from_rows(topk_keep(s, valid, ks), index, owner, ks, b, n)
         counts = bt.fixed_counts()
