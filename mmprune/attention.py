@@ -42,24 +42,27 @@ def _head_dim(attn) -> int:
     return getattr(attn, "head_dim", None) or attn.config.hidden_size // attn.config.num_attention_heads
 
 
-def pagerank_importance(attn, hidden, position_embeddings, key_valid, tau: float = 0.1, iters: int = 5) -> torch.Tensor:
+def pagerank_importance(attn, hidden, position_embeddings, key_valid, tau: float = 0.1, iters: int = 5,
+                        k_proj: torch.Tensor | None = None) -> torch.Tensor:
     """AIM's token importance ``[B, P]`` (LaVi-Lab/AIM, ``get_importance`` in its ``modeling_qwen2.py``, commit
     edc24e9): PageRank over the layer's whole attention matrix taken at temperature ``tau``, ``iters`` steps
     from the uniform distribution, then the root mean square over heads. Cost: one full attention."""
     b, p, _ = hidden.shape
     rows = torch.arange(p, device=hidden.device).expand(b, p)
-    m = attention_probs(attn, hidden, position_embeddings, rows, key_valid, tau=tau)  # [B, H, P, P]
+    m = attention_probs(attn, hidden, position_embeddings, rows, key_valid, tau=tau, k_proj=k_proj)  # [B, H, P, P]
     dist = torch.full((b, m.shape[1], 1, p), 1.0 / p, device=hidden.device)
     for _ in range(iters):
         dist = dist @ m
     return dist.pow(2).mean(dim=1).pow(0.5).view(b, p)
 
 
-def rotary_keys(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+def rotary_keys(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings,
+                k_proj: torch.Tensor | None = None) -> torch.Tensor:
     """The keys ``attn`` stores in its KV cache for the (normed) input ``hidden``: ``[B, H_kv, P, head_dim]``,
-    fp32, after k_norm (Qwen3) and RoPE."""
+    fp32, after k_norm (Qwen3) and RoPE. ``k_proj``: ``attn.k_proj(hidden)`` when the caller already has it
+    (the engine taps it from the attention module's own forward instead of recomputing the projection)."""
     b, p, _ = hidden.shape
-    k = attn.k_proj(hidden).view(b, p, -1, _head_dim(attn))
+    k = (attn.k_proj(hidden) if k_proj is None else k_proj).view(b, p, -1, _head_dim(attn))
     if getattr(attn, "k_norm", None) is not None:
         k = attn.k_norm(k)
     k = k.transpose(1, 2).float()
@@ -77,11 +80,13 @@ def attention_probs(
     key_valid: torch.Tensor,
     causal: bool = True,
     tau: float = 1.0,
+    k_proj: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention probabilities ``[B, H, Q, P]`` of the rows ``query_rows [B, Q]`` over all ``P`` keys.
 
     ``hidden`` is the (already normed) input of ``attn``; ``key_valid [B, P]`` masks padding keys; ``tau`` divides
-    the logits before the softmax; a query row with no valid key (left padding) gets zeros. Works for
+    the logits before the softmax; a query row with no valid key (left padding) gets zeros; ``k_proj`` as in
+    ``rotary_keys``. Works for
     Llama/Qwen2/Qwen2-VL/Qwen3 attention modules (q/k projections, optional q_norm/k_norm, GQA, RoPE);
     computed in fp32 whatever the model dtype, so scores compare equal to eager attention's within 1e-5.
     """
@@ -93,7 +98,7 @@ def attention_probs(
     if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
         q = attn.q_norm(q)
     q = q.transpose(1, 2).float()
-    k = rotary_keys(attn, hidden, position_embeddings)
+    k = rotary_keys(attn, hidden, position_embeddings, k_proj)
     if position_embeddings is not None:
         cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)  # batch 1 when positions are shared
         idx = rows.unsqueeze(-1).expand(-1, -1, cos.shape[-1])

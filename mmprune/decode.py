@@ -2,7 +2,8 @@
 
 A pruned prompt leaves a shorter KV cache (layers >= K shorter still after in-LLM stages) while ``generate``
 grows a full-length 2-D mask and counts positions from it. Per step the language model's mask gets the
-kept prompt columns (``SeqState.index0``), and each pruned layer a mask of its own cache length. Masks the
+kept prompt columns (``SeqState.index0``), and each pruned layer a mask of its own cache length; both are
+views of buffers built once per generation, into which a step copies only the mask's growing tail. Masks the
 engine builds itself (SDPA, full attention, a dynamic cache) are tensor algebra: transformers'
 ``create_causal_mask`` first asks ``padding_mask.all()`` to choose SDPA's ``is_causal`` path, a host sync per
 call (one per decode step and pruned layer type before issue 19).
@@ -41,6 +42,26 @@ class SeqState:
     full_len: int  # L0: prompt length before pruning
     index0: torch.Tensor  # [B, P] original column of each pre-LLM row (-1 = pad)
     stage_masks: dict = field(default_factory=dict)  # layer -> [B, P_K] 2-D mask of the prompt at layer K
+    buffers: dict = field(default_factory=dict)  # the generation's mask buffers (``_grown``)
+
+
+def _grown(state: SeqState, key, head, tail: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``cat([head(), tail], 1)`` as a view of a buffer kept for the whole generation: the prompt part
+    ``head()`` is built when the buffer is (once per generation: the cached keys were computed under it, so
+    a caller cannot meaningfully change it mid-generation) and the growing tail is copied in place each
+    step; capacity doubles, so a generation of n steps allocates O(log n) times instead of every step."""
+    dtype = dtype or tail.dtype
+    b, t = tail.shape
+    buf, h = state.buffers.get(key, (None, 0))
+    if buf is None or buf.shape[1] < h + t or buf.shape[0] != b or buf.dtype != dtype or buf.device != tail.device:
+        first = head()
+        grow = 2 * buf.shape[1] if buf is not None and buf.shape[0] == b else 0
+        h = first.shape[1]
+        buf = torch.empty(b, max(h + t, grow, h + 32), dtype=dtype, device=tail.device)
+        buf[:, :h] = first
+        state.buffers[key] = (buf, h)
+    buf[:, h : h + t] = tail
+    return buf[:, : h + t]
 
 
 class DecodeMixin:
@@ -57,8 +78,9 @@ class DecodeMixin:
             if mask.shape[1] == state.full_len + (cached - p) + q:
                 if kwargs.get("position_ids") is None:
                     kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
-                prompt = gather_rows(mask[:, : state.full_len], state.index0, 1)
-                mask = torch.cat([prompt, mask[:, state.full_len :]], dim=1)
+                full = mask
+                mask = _grown(state, "lm", lambda: gather_rows(full[:, : state.full_len], state.index0, 1),
+                              mask[:, state.full_len :])
                 kwargs["attention_mask"] = mask
             elif mask.shape[1] != cached + q:
                 raise ValueError(
@@ -86,11 +108,11 @@ class DecodeMixin:
             prompt = state.stage_masks[k]
             if lm_mask is None:  # the top-level hook synthesises one, so only a direct LM call lands here
                 raise ValueError("decoding after in-LLM pruning needs a 2-D attention_mask; got None")
-            mask2d = torch.cat([prompt.to(lm_mask.device, lm_mask.dtype), lm_mask[:, p:]], dim=1)
             cache = _cache_of(kwargs)
             if hidden.shape[1] == 1 and self._own_masks(ltype, cache):  # one query sees every cached key
-                self.decode_masks[key] = mask2d.bool()[:, None, None, :]
+                self.decode_masks[key] = _grown(state, key, lambda: prompt, lm_mask[:, p:], torch.bool)[:, None, None, :]
             else:
+                mask2d = torch.cat([prompt.to(lm_mask.device, lm_mask.dtype), lm_mask[:, p:]], dim=1)
                 self.decode_masks[key] = self._make_mask(hidden, mask2d, cache, i, ltype)
         kwargs["attention_mask"] = self.decode_masks[key]
         return args, kwargs

@@ -569,3 +569,56 @@ def test_sparsevlm_batched_equals_per_sample(layouts, stage, budget, recycle, em
             assert torch.equal(got.assign.cpu(), ref.assign.cpu()), b
             assert torch.allclose(got.weight.cpu(), ref.weight.cpu()), b
         assert plan.totals[b] == len(ref.keep)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+@pytest.mark.parametrize("name", ["fastv", "dart", "sparsevlm"])
+@torch.no_grad()
+def test_layer_signals_tap_the_key_projection_instead_of_recomputing_it(family, name):
+    """Layer K-1's keys come from its own ``k_proj`` call (one call per prefill, not two), and the
+    selection equals the one made from recomputed keys (the tap removed)."""
+    m = tiny_model(family)
+    batch = make_inputs(m, [[1], [1]], prompt_lens=[5, 3])
+    mmprune.wrap(m, name, budget=0.3)
+    engine = m.__dict__["_mmprune"]
+    attn = engine.adapter.attention_module(engine.llm_stages[0].layer - 1)
+    calls = []
+    h = attn.k_proj.register_forward_hook(lambda mod, a, out: calls.append(out.shape))
+    tapped = m(**batch).logits
+    kept = [k.tolist() for k in mmprune.trace(m).stages[0].kept]
+    assert len(calls) == 1
+    h.remove()
+    attn.k_proj._forward_hooks.clear()  # no tap: the engine projects the keys again
+    again = m(**batch).logits
+    assert [k.tolist() for k in mmprune.trace(m).stages[0].kept] == kept
+    mmprune.unwrap(m)
+    assert torch.equal(tapped, again)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@torch.no_grad()
+def test_decode_masks_are_built_once_per_generation(family):
+    """Every decode step hands the language model and the pruned layers views of the same buffers (built at
+    the first step, the new columns copied in), whose values are the masks built from scratch."""
+    m = tiny_model(family)
+    batch = make_inputs(m, [[1], [1]], prompt_lens=[5, 2])
+    mmprune.wrap(m, "fastv", budget=0.3)
+    engine = m.__dict__["_mmprune"]
+    k = engine.llm_stages[0].layer
+    seen = []
+
+    def grab(mod, args, kwargs):
+        mask = kwargs["attention_mask"]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] == 1:
+            seen.append((mask.untyped_storage().data_ptr(), mask.clone(), engine.decode_state.stage_masks[k]))
+
+    h = m.model.language_model.layers[k].register_forward_pre_hook(grab, with_kwargs=True)
+    m.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    h.remove()
+    mmprune.unwrap(m)
+    assert len(seen) == 5 and len({ptr for ptr, _, _ in seen}) == 1
+    prompt = seen[0][2].bool()
+    for step, (_, mask, _) in enumerate(seen, start=1):
+        want = torch.cat([prompt, torch.ones(2, step, dtype=torch.bool)], 1)[:, None, None, :]
+        assert torch.equal(mask, want)

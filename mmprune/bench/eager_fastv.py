@@ -9,7 +9,7 @@ and drops the rest at layer K. This module reproduces exactly that inside mmprun
 - the same model instance (same weights) is switched to eager attention for the whole forward
   (``model.set_attn_implementation("eager")``, vision tower included, as ``from_pretrained(...,
   attn_implementation="eager")`` does) and back afterwards;
-- mmprune's SDPA-side tap (``mmprune.attention.attention_probs`` recomputing one query row in a pre-hook)
+- mmprune's SDPA-side tap (``mmprune.attention.attention_probs`` projecting one query row again in a forward hook)
   is disabled; instead a forward hook on layer K-1's ``self_attn`` takes the eager attention
   probabilities ``[B, H, P, P]`` the layer already returns, the last valid row, averaged over heads;
 - selection, dropping at K, masks, cache handling and the trace are mmprune's (identical kept sets up to
@@ -44,15 +44,15 @@ class EagerFastVEngine(Engine):
 
     _dict_signals = False
 
-    def _score_hook(self, layer: int, *rest):
+    def _score_hooks(self, layer: int, *rest):
         # The engine calls this with the signal names when it keeps per-layer signals as a dict
         # ({"attn": [B, P]}); older engines stored the [B, P] tensor itself. Follow whichever it uses.
         self._dict_signals = bool(rest)
 
-        def hook(module, args, kwargs):  # the SDPA-side recompute is not used by this baseline
+        def noop(*args):  # the SDPA-side recompute is not used by this baseline
             return None
 
-        return hook
+        return noop, noop
 
     def install(self) -> None:
         super().install()

@@ -13,7 +13,7 @@ so load drift on a shared machine hits all of them alike), after warm-up rounds;
   ``mmprune.efficiency.peak_memory`` for what is measured on CPU and GPU).
 - ``prefill_tflops``: analytic (``mmprune.efficiency.prefill_flops``) from the trace's per-layer token
   counts and the pixel inputs; ``visual_tokens``: visual tokens left after the last stage.
-- ``scoring_overhead``: time inside mmprune's attention-signal hooks (the pre-hook on layer K-1's
+- ``scoring_overhead``: time inside mmprune's attention-signal hooks (the forward hook on layer K-1's
   ``self_attn`` that runs ``mmprune.attention.attention_probs``), bracketed by two extra hooks on that
   module (CUDA events on GPU), as a fraction of the *unpruned* prefill; signals tapped inside the vision
   tower are taken from the engine's own ``Trace.signal_seconds``. ``selection_overhead``: time in
@@ -73,7 +73,8 @@ class Variant:
 
 
 class _SignalTimer:
-    """Brackets mmprune's attention-signal pre-hook on a module with two more pre-hooks and times it."""
+    """Brackets mmprune's attention-signal hook (a forward hook on layer K-1's attention module) with two
+    more forward hooks and times it."""
 
     def __init__(self, device):
         self.device = device
@@ -81,17 +82,17 @@ class _SignalTimer:
         self.handles = []
 
     def attach(self, module) -> None:
-        def start(mod, args, kwargs):
+        def start(mod, args, output):
             sw = Stopwatch(self.device)
             sw.start()
             self.watches.append(sw)
 
-        def stop(mod, args, kwargs):
+        def stop(mod, args, output):
             if self.watches:
                 self.watches[-1].stop()
 
-        self.handles.append(module.register_forward_pre_hook(start, with_kwargs=True, prepend=True))
-        self.handles.append(module.register_forward_pre_hook(stop, with_kwargs=True))
+        self.handles.append(module.register_forward_hook(start, prepend=True))
+        self.handles.append(module.register_forward_hook(stop))
 
     def take_ms(self) -> float:
         ms = sum(w.elapsed_ms() for w in self.watches if w._t1 is not None)
