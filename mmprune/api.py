@@ -70,6 +70,8 @@ def wrap(model, policy, *, budget=None, layer=None, **options):
     (stages: pre-LLM first, then by increasing layer). ``budget``: float in (0, 1] = fraction of the visual
     tokens entering the stage, int >= 1 = tokens kept per image. ``layer``: None = the policy's default
     stage, int = the decoder layer where tokens are dropped. Wrapping a wrapped model replaces the wrap.
+    ``copy.deepcopy`` of a wrapped model is a wrapped copy (its own hooks on its own modules); pickling one
+    (``torch.save(model)``) raises: save the ``state_dict`` (or ``save_pretrained``), wrap again after loading.
 
     Example:
         >>> import mmprune
@@ -83,6 +85,7 @@ def wrap(model, policy, *, budget=None, layer=None, **options):
     stages = _stages(adapter, policy, budget, layer, options)
     unwrap(model)
     engine = Engine(model, adapter, stages)
+    engine.wrap_args = (policy, budget, layer, dict(options))  # a deep copy of the model is wrapped the same way
     engine.install()
     model.__dict__["_mmprune"] = engine
     return model

@@ -53,6 +53,7 @@ generations, never see each other's state.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,8 +119,13 @@ class Engine(SelectMixin, DecodeMixin):
         self.decode_state: SeqState | None = None
         self.decode_masks: dict = {}
         self.decode_lm_mask: torch.Tensor | None = None
-        self.last_trace: Trace | None = None
+        self._traces: dict = {}  # thread id -> the last prefill's Trace in that thread (None: the latest of any)
         self.last_host_read = False  # the last prefill's layout needed the host copy of input_ids
+        # One forward at a time: the per-call state above lives on the engine (and on the adapter's vision
+        # taps), so forwards from several threads are serialised (``_enter`` / ``_exit``), not interleaved.
+        self._mutex = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
         self.handles: list = []
         self.notes: list = []  # wrap-time notes, copied into every trace
         self.patched: list = []  # (obj, attr_name, had_instance_attr, old_value)
@@ -127,6 +133,34 @@ class Engine(SelectMixin, DecodeMixin):
         self.layers = adapter.layers()
         wanted = {sig for s in stages for sig in s.policy.signals}
         self.vision_signals = tuple(sig for sig in VISION_SIGNALS if sig in wanted)
+
+    @property
+    def last_trace(self) -> Trace | None:
+        """The last prefill's trace in the calling thread, else the latest of any thread."""
+        return self._traces.get(threading.get_ident(), self._traces.get(None))
+
+    @last_trace.setter
+    def last_trace(self, trace: Trace | None) -> None:
+        self._traces[threading.get_ident()] = self._traces[None] = trace
+
+    def _enter(self, top: bool = False) -> None:
+        """Take the engine for this thread (re-entrant: the encoder runs inside the forward). ``top``: the
+        top-level forward, never nested, so finding the engine already ours means a call of this thread
+        died before ``_top_post`` (an interrupt): take it over instead of counting deeper."""
+        me = threading.get_ident()
+        if self._owner == me:
+            self._depth = 1 if top else self._depth + 1
+            return
+        self._mutex.acquire()
+        self._owner, self._depth = me, 1
+
+    def _exit(self) -> None:
+        if self._owner != threading.get_ident():
+            return
+        self._depth -= 1
+        if self._depth <= 0:
+            self._owner, self._depth = None, 0
+            self._mutex.release()
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -154,7 +188,43 @@ class Engine(SelectMixin, DecodeMixin):
         for modality, owner, name in self.adapter.encoder_methods():
             self._patch(owner, name, self._wrap_encoder(modality, getattr(owner, name)))
         self._patch(m, "prepare_inputs_for_generation", self._wrap_prepare(m.prepare_inputs_for_generation))
+        if hasattr(m, "_expand_multimodal_outputs"):
+            self._patch(m, "_expand_multimodal_outputs", self._wrap_expand(m._expand_multimodal_outputs))
         self.adapter.install_extras(self)
+        # copies: hooks and patched methods close over this engine and this model's modules, so a plain deep
+        # copy would run the original's tower (or nothing); pickling would fail on the closures
+        self._patch(m, "__deepcopy__", self._deepcopy)
+        self._patch(m, "__reduce_ex__", self._refuse_pickle)
+
+    def _deepcopy(self, memo):
+        """``copy.deepcopy(model)``: copy the model without this wrap, then wrap the copy the same way."""
+        import copy
+
+        from .api import wrap
+
+        m = self.model
+        self._enter()
+        try:
+            self.remove()
+            m.__dict__.pop("_mmprune", None)
+            try:
+                twin = copy.deepcopy(m, memo)
+            finally:
+                self.install()
+                m.__dict__["_mmprune"] = self
+        finally:
+            self._exit()
+        policy, budget, layer, options = self.wrap_args
+        wrap(twin, policy, budget=budget, layer=layer, **options)
+        twin.__dict__["_mmprune"].enabled = self.enabled
+        return twin
+
+    def _refuse_pickle(self, protocol=None):
+        raise TypeError(
+            f"a model wrapped by mmprune cannot be pickled (torch.save(model), copy.copy): save "
+            f"model.state_dict() or save_pretrained(), or call mmprune.unwrap(model) first, and wrap again after "
+            f"loading ({type(self.model).__name__})"
+        )
 
     def _patch(self, obj, name, value) -> None:
         had = name in obj.__dict__
@@ -178,6 +248,13 @@ class Engine(SelectMixin, DecodeMixin):
 
         @functools.wraps(fn)  # keeps the signature: generate() inspects it to pick encoder kwargs
         def wrapped(*args, **kwargs):
+            self._enter()  # generate encodes outside the forward; inside it this nests
+            try:
+                return encode(*args, **kwargs)
+            finally:
+                self._exit()
+
+        def encode(*args, **kwargs):
             cap = None
             if self.enabled and self.vision_signals:
                 cap = self.adapter.vision_capture(modality, self.vision_signals)
@@ -232,8 +309,45 @@ class Engine(SelectMixin, DecodeMixin):
 
         return wrapped
 
+    def _wrap_expand(self, fn):
+        """``generate`` encodes the images once, then repeats the encoder outputs for ``num_beams`` /
+        ``num_return_sequences`` (``GenerationMixin._expand_multimodal_outputs``: each sample's group of
+        images ``expand_size`` times). The items and signals this engine attached to those outputs are
+        repeated in the same order, so every copy of a sample keeps the same tokens."""
+        import functools
+        from itertools import accumulate
+
+        @functools.wraps(fn)
+        def wrapped(input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+            orders = {}
+            for modality, out in (mm_encoder_output or {}).items():
+                feats = getattr(out, "pooler_output", None)
+                token_id = getattr(self.model.config, f"{modality}_token_id", None)
+                if feats is None or expand_size == 1 or input_ids is None or input_ids.numel() == 0 or token_id is None:
+                    continue
+                # the offsets transformers computes (same formula): a sample's images end where the running
+                # count of encoded tokens meets the running count of its placeholders
+                in_text = set(accumulate((input_ids == token_id).sum(-1).tolist()))
+                in_vision = list(accumulate(len(f) for f in feats))
+                offsets = [0] + [i + 1 for i, n in enumerate(in_vision) if n in in_text]
+                orders[modality] = [i for a, b in zip(offsets[:-1], offsets[1:]) for _ in range(expand_size)
+                                    for i in range(a, b)]
+            result = fn(input_ids, mm_encoder_output, expand_size=expand_size, inputs_embeds=inputs_embeds)
+            for modality, order in orders.items():
+                out = result.get(modality)
+                n = len(out.pooler_output)
+                for attr in ("_mmprune_items", "_mmprune_signals"):
+                    vals = getattr(out, attr, None)
+                    if isinstance(vals, list):
+                        ok = len(order) == n and all(i < len(vals) for i in order)
+                        setattr(out, attr, [vals[i] for i in order] if ok else None)
+            return result
+
+        return wrapped
+
     # ------------------------------------------------------------------ top-level hooks
     def _top_pre(self, module, args, kwargs):
+        self._enter(top=True)  # released by _top_post (always called, also when the forward raises)
         self.call, self.run, self.decode_state, self.decode_masks, self.decode_lm_mask = None, None, None, {}, None
         if not self.enabled:
             return None
@@ -281,6 +395,7 @@ class Engine(SelectMixin, DecodeMixin):
     def _top_post(self, module, args, output):
         self.adapter.host_copies.clear()
         self.call, self.run, self.decode_state, self.decode_masks, self.decode_lm_mask = None, None, None, {}, None
+        self._exit()
         return None
 
     # ------------------------------------------------------------------ locate

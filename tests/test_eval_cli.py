@@ -199,3 +199,142 @@ def test_video_eval_records_corrupt_and_missing_files_and_goes_on(tmp_path):
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["n"] == 2 and run["failed"] == 2
     assert run["visual_tokens_kept"] == pytest.approx(run["visual_tokens_in"] / 2, abs=1)
+
+
+# ----------------------------------------------------------------------------- issue 22: reliability of the CLI
+def _one_line(capsys, rc, needle):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+
+
+def test_a_changed_setting_never_reuses_old_samples(tiny_dir, pope_file, tmp_path):
+    """--max-new-tokens, --seed, --dtype and --data enter the run key (a new run), --limit does not (it
+    extends a run) but aggregation counts only the samples under the current limit."""
+    out = tmp_path / "run"
+    assert _eval(tiny_dir, pope_file, out, "--policy", "uniform", "--budget", "0.25", "--limit", "4") == 0
+    assert _eval(tiny_dir, pope_file, out, "--policy", "uniform", "--budget", "0.25", "--limit", "2") == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 1 and runs[0]["n"] == 2 and runs[0]["n_total"] == 2
+    assert len(_records(out)) == 4  # nothing recomputed
+    base = runs[0]["key"]
+    for extra in (["--max-new-tokens", "2"], ["--seed", "1"], ["--dtype", "bfloat16"]):
+        args = ["--policy", "uniform", "--budget", "0.25", "--limit", "2", *extra]
+        if extra[0] == "--max-new-tokens":  # _eval passes 3; a later flag wins in argparse
+            args = args[:-2] + ["--max-new-tokens", "2"]
+        assert _eval(tiny_dir, pope_file, out, *args) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len({r["key"] for r in runs}) == 4 and base in {r["key"] for r in runs}
+    assert len(_records(out)) == 4 + 3 * 2
+    settings = {r["key"]: r["settings"] for r in runs}
+    assert settings[base]["max_new_tokens"] == 3 and "frames" not in settings[base]  # image task: no frames
+    copy = tmp_path / "copy"
+    copy.symlink_to(pope_file)
+    assert _eval(tiny_dir, copy, out, "--policy", "uniform", "--budget", "0.25", "--limit", "2") == 0
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 4  # the same data, resolved
+
+
+def test_samples_file_that_is_a_symlink_is_refused_and_its_target_untouched(tiny_dir, pope_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    (out / "samples.jsonl").symlink_to(victim)
+    _one_line(capsys, _eval(tiny_dir, pope_file, out, "--limit", "1"), "symbolic link")
+    assert victim.read_text() == "keep me\n"
+
+
+def _write_many(out, start):
+    from mmprune.eval.store import write_results
+
+    for i in range(start, start + 40):
+        write_results(out, {"model": "m", "task": "pope", "policy": "p", "budget": i, "score": float(i)}, report=True)
+
+
+def test_concurrent_write_results_lose_nothing(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_write_many, args=(tmp_path, k * 100)) for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted(r["budget"] for r in runs) == sorted(k * 100 + i for k in range(3) for i in range(40))
+    assert (tmp_path / "report.md").read_text().count("| m | pope | p |") == 120
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs on this platform")
+def test_image_paths_must_be_regular_files(tmp_path):
+    """A FIFO would block ``open`` forever; a folder or a corrupt file is a one-line error naming the sample."""
+    import os
+
+    from mmprune.eval.tasks import Sample
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for ref, needle in ((str(fifo), "is a FIFO"), (str(tmp_path), "is a folder"),
+                        (str(tmp_path / "bad.png"), "not a known image format"), (b"\x00junk", "5 bytes")):
+        s = Sample(id="q7", prompt="?", answer="yes", images=[ref])
+        with pytest.raises(ValueError) as e:
+            _ = s.images
+        assert str(e.value).startswith("sample q7: ") and needle in str(e.value) and "BytesIO" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["out_file", "out_under_file", "device_tpu", "device_meta", "budgets_abc",
+                                  "samples_dir", "max_new_0", "frames_0", "frames_neg", "unsupported_model",
+                                  "corrupt_results", "show_corrupt", "show_dir", "bench_cuda"])
+def test_misuse_is_one_line_and_exit_2(case, tiny_dir, pope_file, tmp_path, capsys):
+    import torch
+
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    out = tmp_path / "out"
+    common = ["--model", str(tiny_dir), "--task", "pope", "--data", str(pope_file)]
+    if case == "bench_cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if case == "samples_dir":
+        (out / "samples.jsonl").mkdir(parents=True)
+    if case == "corrupt_results":
+        out.mkdir()
+        (out / "results.json").write_text("{not json")
+    bad = tmp_path / "gpt2"
+    if case == "unsupported_model":
+        bad.mkdir()
+        (bad / "config.json").write_text('{"model_type": "gpt2"}')
+    img = tmp_path / "bad.png"
+    img.write_bytes(b"junk")
+    show = ["show", "--model", str(tiny_dir), "--prompt", "?", "--policy", "uniform", "--budget", "0.5"]
+    argv, needle = {
+        "out_file": (["eval", *common, "--out", str(f)], "is not a folder"),
+        "out_under_file": (["eval", *common, "--out", str(f / "sub")], "lies under"),
+        "device_tpu": (["eval", *common, "--out", str(out), "--device", "tpu"], "--device 'tpu' is not supported"),
+        "device_meta": (["eval", *common, "--out", str(out), "--device", "meta"], "--device 'meta' is not supported"),
+        "budgets_abc": (["sweep", *common, "--out", str(out), "--policies", "uniform", "--budgets", "0.5,abc"],
+                        "not a number: 'abc'"),
+        "samples_dir": (["eval", *common, "--out", str(out)], "not a regular file"),
+        "max_new_0": (["eval", *common, "--out", str(out), "--max-new-tokens", "0"], "--max-new-tokens must be"),
+        "frames_0": (["eval", *common, "--out", str(out), "--frames", "0"], "--frames must be"),
+        "frames_neg": (["eval", *common, "--out", str(out), "--frames", "-2"], "--frames must be"),
+        "unsupported_model": (["eval", "--model", str(bad), "--task", "pope", "--data", str(pope_file), "--out",
+                               str(out)], "unsupported model_type 'gpt2'"),
+        "corrupt_results": (["eval", *common, "--out", str(out)], "is not valid JSON"),
+        "show_corrupt": ([*show, "--image", str(img), "--out", str(out / "k.png")], "not a known image format"),
+        "show_dir": ([*show, "--image", str(tmp_path), "--out", str(out / "k.png")], "is a folder"),
+        "bench_cuda": (["bench", "--arch", "llava-1.5-7b", "--shrink", "32", "--device", "cuda"],
+                       "CUDA is not available"),
+    }[case]
+    _one_line(capsys, main(argv), needle)
+    if case == "corrupt_results":
+        assert not (out / "samples.jsonl").exists()  # reported before any sample ran
+
+
+def test_unsupported_model_dir_raises_unsupported_model_error(tmp_path):
+    import mmprune
+    from mmprune.eval.runner import resolve_model_path
+
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(mmprune.UnsupportedModelError, match="gpt2"):
+        resolve_model_path(str(tmp_path))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 
 HELP = ("time a pruned vs unpruned published VLM architecture (random weights) on identical inputs: prefill "
@@ -97,8 +98,15 @@ def validate(args) -> None:
     args.budget = validate_budget(_number(args.budget)) if isinstance(args.budget, str) else validate_budget(args.budget)
     if args.policy not in policies():
         raise ValueError(f"unknown policy {args.policy!r}; known policies: {', '.join(policies())}")
-    if not (args.device == "cpu" or args.device.startswith("cuda")):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise ValueError(f"unknown device {args.device!r}; accepted: cpu, cuda, cuda:<index>")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        if ":" in args.device and int(args.device.split(":")[1]) >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
     if args.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
         raise ValueError(f"unknown dtype {args.dtype!r}; accepted: auto, float32, bfloat16, float16")
 

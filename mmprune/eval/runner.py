@@ -14,8 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -27,10 +29,10 @@ from .store import (
     load_results,
     make_record,
     merge_shards,
+    out_folder,
     run_key,
     shard,
     split_records,
-    write_report,
 )
 from .store import write_results as _write_results
 
@@ -75,6 +77,13 @@ def validate(cfg: EvalConfig):
         raise ValueError(f"--batch-size must be an int >= 1; got {cfg.batch_size}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"--limit must be an int >= 1; got {cfg.limit}")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be an int >= 1 (or left out for the task's default); got {cfg.max_new_tokens}")
+    if cfg.num_frames < 1:
+        raise ValueError(f"--frames must be an int >= 1; got {cfg.num_frames}")
+    check_device(cfg.device)
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}; got {cfg.dtype!r}")
     resolve_model_path(cfg.model)
     return task
 
@@ -87,13 +96,33 @@ def resolve_model_path(spec: str) -> str:
         return str(testbed_model_path(spec))
     p = Path(spec).expanduser()
     if p.exists():
-        if not (p / "config.json").exists():
+        if not (p / "config.json").is_file():
             raise ValueError(f"--model {spec}: no config.json in that directory (expected a save_pretrained folder)")
+        _check_family(spec, p / "config.json")
         return str(p)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ValueError(f"--model {spec}: directory not found; give a local save_pretrained folder, a hub id, "
                          f"or one of the built-in aliases: {', '.join(ALIASES)}")
     return spec
+
+
+def _check_family(spec: str, config: Path) -> None:
+    """A local folder's ``model_type`` must be one mmprune has an adapter for (UnsupportedModelError, before
+    any weights load)."""
+    from ..adapters import supported_families
+    from ..errors import UnsupportedModelError
+
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, OSError, AttributeError) as e:
+        raise ValueError(f"--model {spec}: unreadable config.json ({e})") from None
+    if model_type not in supported_families():
+        raise UnsupportedModelError(f"--model {spec}: unsupported model_type {model_type!r}; mmprune supports: "
+                                    f"{', '.join(supported_families())}")
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 def _dtype(name: str, device: str):
@@ -111,11 +140,25 @@ def _dtype(name: str, device: str):
 def resolve_device(device: str) -> str:
     import torch
 
+    check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available here; use --device cpu")
+    if device.startswith("xpu") and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ValueError(f"--device {device}: XPU is not available here; use --device cpu")
     return device
+
+
+def check_device(device: str) -> None:
+    """The device's spelling (no torch import): auto, cpu, cuda[:N], mps or xpu[:N]."""
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise ValueError(f"--device {device!r} is not supported; accepted: auto, cpu, cuda, cuda:N, mps, xpu")
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
@@ -288,9 +331,9 @@ def run_eval(cfg: EvalConfig, model=None, processor=None) -> dict:
     import mmprune
 
     rank, world = _dist()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    key = run_key(cfg.model, cfg.task, cfg.policy, cfg.budget, cfg.layer, cfg.options or None)
+    out = out_folder(cfg.out)
+    load_results(out)  # a corrupt results.json is reported now, not after the samples have run
+    key = run_key(cfg.model, cfg.task, cfg.policy, cfg.budget, cfg.layer, cfg.options or None, run_settings(cfg, task))
     key_hash = hashlib.sha1(key.encode()).hexdigest()[:10]
     done_flag = out / f".done.{key_hash}.rank{rank}"
     done_flag.unlink(missing_ok=True)
@@ -344,7 +387,7 @@ def run_eval(cfg: EvalConfig, model=None, processor=None) -> dict:
     if world > 1:
         _wait_for_ranks(out, key_hash, world)
         merge_shards(out)
-    return finalize(cfg, task, key, len(samples))
+    return finalize(cfg, task, key, len(samples), {str(s.id) for s in samples})
 
 
 def _mean(xs):
@@ -357,17 +400,34 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def finalize(cfg: EvalConfig, task, key: str, n_total: int) -> dict:
-    """Aggregate the run's records into ``results.json`` and ``report.md``; return the run dict."""
+def run_settings(cfg: EvalConfig, task) -> dict:
+    """What besides the policy changes a sample's result, for the run key (a changed setting never reuses
+    old samples): the data, dtype, seed, max new tokens and, for video tasks, the frames. ``--limit`` is
+    not one (a larger limit extends a run; aggregation takes only the samples of the current limit), nor
+    ``--batch-size`` or ``--device``."""
+    out = {
+        "data": str(Path(cfg.data).expanduser().resolve()) if cfg.data else None,
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+        "max_new_tokens": cfg.max_new_tokens or getattr(task, "max_new_tokens", 16),
+    }
+    if task.modality == "video":
+        out["frames"] = cfg.num_frames
+    return out
+
+
+def finalize(cfg: EvalConfig, task, key: str, n_total: int, ids: set | None = None) -> dict:
+    """Aggregate the run's records of the samples ``ids`` (default: all recorded) into ``results.json`` and
+    ``report.md``; return the run dict."""
     log = SampleLog(cfg.out)
-    records = log.records(key)
+    records = [r for r in log.records(key) if ids is None or str(r.get("id")) in ids]
     log.close()
     details, failed = split_records(records)
     ok = [r for r in records if r.get("error") is None]
     score, metric, extra = task.aggregate(details) if details else (None, task.metric, {})
     run = {
         "key": key, "model": cfg.model, "task": cfg.task, "policy": cfg.policy, "budget": cfg.budget,
-        "layer": cfg.layer, "options": cfg.options or {}, "n": len(details), "failed": len(failed),
+        "layer": cfg.layer, "options": cfg.options or {}, "settings": run_settings(cfg, task), "n": len(details), "failed": len(failed),
         "n_total": n_total, "score": score, "metric": metric, "extra": extra,
         "visual_tokens_in": _mean([r.get("visual_tokens_in") for r in ok]),
         "visual_tokens_kept": _mean([r.get("visual_tokens_kept") for r in ok]),
@@ -380,6 +440,5 @@ def finalize(cfg: EvalConfig, task, key: str, n_total: int) -> dict:
         # the stages as run (policy@layer; a policy's default layer or its multi-stage expansion)
         "stages": next((r.get("stages") for r in ok if r.get("stages")), None),
     }
-    _write_results(cfg.out, run)
-    write_report(cfg.out, load_results(cfg.out)["runs"])
+    _write_results(cfg.out, run, report=True)
     return run

@@ -71,12 +71,16 @@ def run(args) -> int:
     import mmprune
 
     from .runner import load_model
+    from .tasks import _decode_image
 
     if not Path(args.image).exists():
         raise ValueError(f"--image not found: {args.image}")
     mmprune.PruneConfig(args.policy, args.budget, args.layer)
+    try:
+        image = _decode_image(args.image)  # a folder, FIFO or corrupt file: one line, before the model loads
+    except ValueError as e:
+        raise ValueError(f"--image: {e}") from None
     model, processor = load_model(args.model, args.device, args.dtype)
-    image = Image.open(args.image).convert("RGB")
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=[image], text=[text], return_tensors="pt")
@@ -121,7 +125,10 @@ def run(args) -> int:
     for p in panels:
         sheet.paste(p, (x, 0))
         x += p.width + 4
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.out)
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(args.out)
+    except (OSError, ValueError) as e:  # under a file, unwritable, unknown extension
+        raise ValueError(f"cannot write --out {args.out}: {getattr(e, 'strerror', None) or e}") from None
     print(f"{args.out}: {len(panels)} stage(s), kept {tr.visual_tokens_kept[0]} of {tr.n_visual[0]} visual tokens")
     return 0

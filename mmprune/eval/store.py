@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -44,6 +45,7 @@ __all__ = [
     "make_record",
     "read_jsonl",
     "SampleLog",
+    "out_folder",
     "shard",
     "shard_path",
     "merge_shards",
@@ -87,12 +89,14 @@ def run_key(
     budget: Any = None,
     layer: Any = None,
     options: dict | None = None,
+    settings: dict | None = None,
 ) -> str:
-    """A stable, readable key for one evaluation run: ``model|task|policy|budget|layer[|opts-hash]``.
+    """A stable, readable key for one evaluation run: ``model|task|policy|budget|layer[|hash]``.
 
-    ``options`` (anything else that changes results: frame count, limit, seed, dtype, policy
-    settings…) enter as a short hash of their sorted JSON, so equal options give the same key in any
-    order; empty or None options add nothing.
+    ``options`` (the policy's settings) and ``settings`` (the run's other inputs that change a sample's
+    result: data, dtype, seed, max new tokens, video frames) enter as a short hash of their sorted JSON,
+    so equal values give the same key in any order; empty or None values add nothing. A run resumed with
+    a different setting gets a new key and so never reuses the old run's samples.
 
     Example:
         >>> run_key("qwen2-vl-2b", "mme", "visionzip", 64, None)
@@ -102,6 +106,9 @@ def run_key(
     """
     key = "|".join(_canon(v) for v in (model, task, policy, budget, layer))
     opts = {k: v for k, v in (options or {}).items() if v is not None}
+    sets = {k: v for k, v in (settings or {}).items() if v is not None}
+    if sets:  # options and settings apart, so an option never collides with a setting of the same name
+        opts = {"options": opts, "settings": sets}
     if opts:
         blob = json.dumps(opts, sort_keys=True, separators=(",", ":"), default=str)
         key += "|" + hashlib.sha1(blob.encode()).hexdigest()[:10]
@@ -155,8 +162,9 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
         (['a'], '{"id": "a"}\\n')
     """
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         return []
+    _regular_or_absent(p)
     data = p.read_bytes()
     parts = data.split(b"\n")  # the last part is what follows the final newline ("" normally)
     records: list[dict] = []
@@ -211,6 +219,54 @@ def _sample_files(out_dir: Path) -> list[Path]:
     return ([main] if main.exists() else []) + [p for _, p in ranks]
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def out_folder(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a writable folder (created if missing), or a one-line ``StoreError`` saying why not:
+    the path is a file, lies under a file, or cannot be written."""
+    out = Path(out_dir)
+    for parent in [out, *out.parents]:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                where = "is" if parent == out else f"lies under {parent}, which is"
+                raise StoreError(f"output folder {out} {where} not a folder; pass --out a folder path")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create output folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise StoreError(f"output folder {out} is not writable; pass --out a folder you can write to")
+    return out
+
+
+def _regular_or_absent(path: Path) -> None:
+    """Refuse a results or samples file that is a symlink, a folder, a FIFO...: writing through a symlink
+    truncates or appends to its target, opening a FIFO blocks."""
+    if path.is_symlink():
+        raise StoreError(f"{path} is a symbolic link; mmprune only writes its own regular files there (remove it)")
+    if path.exists() and not path.is_file():
+        raise StoreError(f"{path} exists and is not a regular file; move it away to start afresh")
+
+
+@contextlib.contextmanager
+def _results_lock(out: Path):
+    """An exclusive ``flock`` on ``DIR/.results.lock`` around a read-modify-write of ``results.json``: runs of
+    a sweep in parallel processes (or shards) otherwise lose each other's rows (122 of 300 in a test)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: unlocked, as before
+        yield
+        return
+    fd = os.open(out / ".results.lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def _fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)
@@ -245,11 +301,10 @@ class SampleLog:
     """
 
     def __init__(self, out_dir: str | os.PathLike, rank: int | None = None):
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise StoreError(f"output path exists and is not a folder: {self.out_dir}")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_folder(out_dir)
         self.path = shard_path(self.out_dir, rank)
+        for f in [self.path, *_sample_files(self.out_dir)]:
+            _regular_or_absent(f)
         self._records: dict[tuple[str, str], dict] = {}
         for f in _sample_files(self.out_dir):
             for rec in read_jsonl(f, repair=(f == self.path)):
@@ -291,8 +346,11 @@ class SampleLog:
         if not _supersedes(record, self._records.get(key)):
             return False
         data = (json.dumps(record, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if self._fd is None:  # O_NOFOLLOW: a symlink planted there must not get its target appended to
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+            except OSError as e:
+                raise StoreError(f"cannot write {self.path}: {e.strerror}") from None
         view = memoryview(data)
         while view:  # one write() for a line in practice; loop only on a short write
             n = os.write(self._fd, view)
@@ -391,6 +449,8 @@ def merge_shards(out_dir: str | os.PathLike) -> int:
     if not out.is_dir():
         return 0
     main = out / SAMPLES_FILE
+    for f in [main, *_sample_files(out)]:
+        _regular_or_absent(f)
     existing: dict[tuple[str, str], dict] = {}
     for rec in read_jsonl(main, repair=True):
         key = (str(rec.get("run")), str(rec.get("id")))
@@ -405,7 +465,7 @@ def merge_shards(out_dir: str | os.PathLike) -> int:
                 existing[key] = rec
                 lines.append((json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8"))
     if lines:
-        fd = os.open(main, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(main, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
         try:
             data = memoryview(b"".join(lines))
             while data:
@@ -438,8 +498,9 @@ def load_results(out_dir: str | os.PathLike) -> dict:
         {'runs': []}
     """
     p = Path(out_dir) / RESULTS_FILE
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         return {"runs": []}
+    _regular_or_absent(p)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except ValueError as e:
@@ -472,8 +533,9 @@ def _key_of(run: dict) -> str:
     return run_key(run.get("model"), run.get("task"), run.get("policy"), run.get("budget"), run.get("layer"), run.get("options"))
 
 
-def write_results(out_dir: str | os.PathLike, run: dict) -> dict:
-    """Merge one run into ``DIR/results.json`` (atomically) and return the whole file's content.
+def write_results(out_dir: str | os.PathLike, run: dict, report: bool = False) -> dict:
+    """Merge one run into ``DIR/results.json`` (atomically, under a lock other processes honour) and return
+    the whole file's content; ``report=True`` also rewrites ``report.md`` from it under the same lock.
 
     The run's key is ``run["key"]``, or :func:`run_key` of its model, task, policy, budget, layer and
     ``options``; an earlier run with the same key is replaced where it stood, any other run is kept.
@@ -487,19 +549,21 @@ def write_results(out_dir: str | os.PathLike, run: dict) -> dict:
         >>> [r["score"] for r in res["runs"]]
         [81.0]
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_results(out)
-    run = {**{f: None for f in RUN_FIELDS}, **run}
-    run["key"] = _key_of(run)
-    runs = data["runs"]
-    for i, old in enumerate(runs):
-        if isinstance(old, dict) and _key_of(old) == run["key"]:
-            runs[i] = run
-            break
-    else:
-        runs.append(run)
-    _atomic_write(out / RESULTS_FILE, json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    out = out_folder(out_dir)
+    with _results_lock(out):
+        data = load_results(out)
+        run = {**{f: None for f in RUN_FIELDS}, **run}
+        run["key"] = _key_of(run)
+        runs = data["runs"]
+        for i, old in enumerate(runs):
+            if isinstance(old, dict) and _key_of(old) == run["key"]:
+                runs[i] = run
+                break
+        else:
+            runs.append(run)
+        _atomic_write(out / RESULTS_FILE, json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+        if report:
+            write_report(out, data["runs"])
     return data
 
 

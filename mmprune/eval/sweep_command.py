@@ -40,17 +40,23 @@ def run(args) -> int:
     from .command import config_from, print_run
     from .plots import pareto_plot
     from .runner import load_model, run_eval, validate
-    from .store import load_results, write_report
+    from .store import load_results, out_folder, write_report
 
-    budgets = [number(b) for b in args.budgets]
+    try:
+        budgets = [number(b) for b in args.budgets]
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--budgets: {e}; expected numbers such as 0.5,0.25 or 64,32") from None
     plan = sweep_plan(args.policies, budgets)
     for pol, b in plan:  # fail fast on any bad combination before loading the model
         validate(config_from(args, pol, b))
+    out_folder(args.out)
+    load_results(args.out)  # a corrupt results.json: said now, before any sample runs
     model, processor = load_model(args.model, args.device, args.dtype)
     for pol, b in plan:
         print_run(run_eval(config_from(args, pol, b), model=model, processor=processor))
-    runs = [r for r in load_results(args.out)["runs"] if r.get("model") == args.model and r.get("task") == args.task]
-    write_report(args.out, load_results(args.out)["runs"])
+    all_runs = load_results(args.out)["runs"]
+    runs = [r for r in all_runs if r.get("model") == args.model and r.get("task") == args.task]
+    write_report(args.out, all_runs)
     png = pareto_plot(runs, f"{args.out}/pareto.png", title=f"{args.model} on {args.task}")
     print(f"results: {args.out}/results.json, report: {args.out}/report.md, plot: {png}")
     return 0

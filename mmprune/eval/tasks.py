@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import stat
 import string
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -113,23 +114,49 @@ class Sample:
             self.image_refs = list(images)
 
 
+def regular_file(path: str | os.PathLike, what: str = "image") -> Path:
+    """``path`` if it names a regular file, else a one-line ``ValueError`` (missing, a folder, a FIFO or
+    device: opening a FIFO would block forever)."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        raise ValueError(f"{what} not readable: {p} ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ValueError(f"{what} path is {kind}: {p}; expected an image file")
+    return p
+
+
 def _decode_image(ref: Any):
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if isinstance(ref, Image.Image):
         return ref.convert("RGB")
-    if isinstance(ref, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(ref))).convert("RGB")
-    if isinstance(ref, (str, os.PathLike)):
-        with Image.open(ref) as im:
-            return im.convert("RGB")
+    try:
+        if isinstance(ref, (bytes, bytearray, memoryview)):
+            return Image.open(io.BytesIO(bytes(ref))).convert("RGB")
+        if isinstance(ref, (str, os.PathLike)):
+            with Image.open(regular_file(ref)) as im:
+                return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:  # PIL names a BytesIO object: say what it was instead
+        src = f"{len(bytes(ref))} bytes" if isinstance(ref, (bytes, bytearray, memoryview)) else str(ref)
+        reason = "not a known image format" if isinstance(e, UnidentifiedImageError) else str(e).split(" <_io.")[0]
+        raise ValueError(f"corrupt or unreadable image ({src}): {reason}") from None
     raise TypeError(f"cannot decode an image from {type(ref).__name__}")
 
 
 def _sample_images(self: Sample):
     if self.image_refs is None:
         return None
-    return [_decode_image(r) for r in self.image_refs]
+    out = []
+    for i, r in enumerate(self.image_refs):
+        try:
+            out.append(_decode_image(r))
+        except ValueError as e:
+            which = f" image {i + 1} of {len(self.image_refs)}" if len(self.image_refs) > 1 else ""
+            raise ValueError(f"sample {self.id}{which}: {e}") from None
+    return out
 
 
 # Set after @dataclass so that ``images=`` stays an __init__ argument while reading decodes lazily.

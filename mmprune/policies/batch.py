@@ -458,6 +458,71 @@ def bipartite_rows(metric: torch.Tensor, sizes: torch.Tensor, k: int, mode: str 
     return keep, torch.gather(pos, 1, row), weight
 
 
+def bipartite_rounds(t: int, k: int) -> int:
+    """How many rounds ``bipartite_rows`` takes from ``t`` tokens to ``k`` (fewer tokens never take more)."""
+    n = 0
+    while t > k and min(t - k, t // 2) > 0:
+        t, n = t - min(t - k, t // 2), n + 1
+    return n
+
+
+def bipartite_ragged(metric: torch.Tensor, sizes: torch.Tensor, t: torch.Tensor, k: torch.Tensor,
+                     rounds: int) -> torch.Tensor:
+    """``bipartite_rows`` (mode "size") for rows whose token counts live on the device: row ``g`` holds
+    ``t[g]`` tokens (its first ``t[g]`` positions of ``metric [G, W, c]``) and merges down to ``k[g]``. Every
+    row runs ``rounds`` rounds (a host bound: rounds are needed while ``t > k``); a round's
+    ``r = min(t - k, t // 2)`` is a tensor, a row with ``r = 0`` passes through. Returns, per position, the
+    position of the token its group ends at (``ids[row]`` of ``bipartite_rows``), -1 past ``t``. Unmerged
+    A tokens keep ToMe's order (descending match score, then B), so the result equals ``bipartite_rows`` on
+    each row alone."""
+    g, w, c = metric.shape
+    dev = metric.device
+    ar = torch.arange(w, device=dev).expand(g, w)
+    t = t0 = t.view(-1, 1).long()
+    k = k.view(-1, 1).long()
+    m = torch.where((ar < t).unsqueeze(-1), metric.float(), 1.0)
+    size = torch.where(ar < t, sizes.float(), 1.0)
+    ids, row = ar, ar
+    wa, wb = (w + 1) // 2, w // 2
+    if wb == 0:  # at most one token a row: nothing to merge
+        rounds = 0
+    ea = torch.arange(wa, device=dev).view(1, -1)
+    eb = torch.arange(wb, device=dev).view(1, -1)
+    for _ in range(rounds):
+        r = torch.minimum(t - k, t // 2).clamp(min=0)
+        na, nb = (t + 1) // 2, t // 2
+        mn = m / m.norm(dim=-1, keepdim=True)
+        scores = (mn[:, 0::2] @ mn[:, 1::2].transpose(1, 2)).masked_fill((eb >= nb).unsqueeze(1), float("-inf"))
+        node_max, node_idx = scores.max(dim=-1)
+        edge = torch.sort(node_max.masked_fill(ea >= na, float("-inf")), dim=-1, descending=True, stable=True).indices
+        is_src = (ea < r) & (ea < na)  # by rank: the r best-matched A tokens merge
+        dst = torch.where(is_src, torch.gather(node_idx, 1, edge), wb)  # wb: a spare column
+        xs = torch.cat([m * size.unsqueeze(-1), size.unsqueeze(-1)], -1)
+        moved = torch.gather(xs[:, 0::2], 1, edge.unsqueeze(-1).expand(-1, -1, c + 1))
+        b_x = torch.cat([xs[:, 1::2], xs.new_zeros(g, 1, c + 1)], 1).scatter_reduce(
+            1, dst.unsqueeze(-1).expand(-1, -1, c + 1), moved, reduce="sum")[:, :wb]
+        nu = na - r
+        new_a = torch.where((ea >= r) & (ea < na), ea - r, w)  # rank e -> its new place, w: dropped
+        new_b = torch.where(eb < nb, nu + eb, w)
+        out = xs.new_zeros(g, w + 1, c + 1).scatter_(1, new_a.unsqueeze(-1).expand(-1, -1, c + 1), moved)
+        out = out.scatter_(1, new_b.unsqueeze(-1).expand(-1, -1, c + 1), b_x)[:, :w]
+        t = t - r
+        live = ar < t
+        size = torch.where(live, out[..., c], 1.0)
+        m = torch.where(live.unsqueeze(-1), out[..., :c] / out[..., c:].clamp(min=1e-30), 1.0)
+        # current position -> next position: A by its rank (merged ones follow their B partner), B in order
+        rank = torch.empty_like(edge).scatter_(1, edge, ea.expand_as(edge))
+        nxt = torch.empty(g, w, dtype=torch.long, device=dev)
+        nxt[:, 0::2] = torch.where(rank < r, nu + node_idx, rank - r)
+        nxt[:, 1::2] = nu + eb
+        row = torch.gather(nxt, 1, row)
+        stays = torch.ones(g, w, dtype=torch.bool, device=dev)
+        stays[:, 0::2] = rank >= r  # a merged A token hands its place to its B partner's id
+        ids = torch.full((g, w + 1), -1, dtype=torch.long, device=dev).scatter_(
+            1, torch.where((ar < t + r) & stays, nxt, w), ids)[:, :w]
+    return torch.where(ar < t0, torch.gather(ids, 1, row), -1)
+
+
 def dpp_rows(kernel: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     """``_ops.dpp_greedy`` over rows at once (the official loop is batched the same way): ``kernel [S, m, m]``,
     ``valid [S, m]`` -> ``[S, k]`` picks in selection order. Its guard without a branch: once a row's best

@@ -217,6 +217,14 @@ def sparsevlm_counts(target: float, n0: int) -> list[int]:
     return out
 
 
+def _distances(x: torch.Tensor) -> torch.Tensor:
+    """``(x[:, :, None] - x[:, None]).norm(dim=-1)`` of ``x [G, M, C]`` as the official code writes it, without
+    its ``[G, M, M, C]`` intermediate: ``torch.cdist``'s direct (not matmul-expanded) Euclidean distance,
+    equal up to float rounding (2e-5 on 512-d rows), 4x faster on a CPU and O(M^2) memory (the broadcast
+    needs 57 GB for 2000 recycled 3584-d video tokens)."""
+    return torch.cdist(x.float(), x.float(), compute_mode="donot_use_mm_for_euclid_dist").to(x.dtype)
+
+
 def density_peak_merge(x: torch.Tensor, cluster_num: int):
     """SparseVLM's ``cluster_and_merge`` (DPC-KNN; Gumpest/SparseVLMs ``llava/model/language_model/utils.py``,
     commit 26a5f48) on ``x [N, C]``: returns ``(centres, assign)``, the cluster centres (indices into x, in
@@ -224,7 +232,7 @@ def density_peak_merge(x: torch.Tensor, cluster_num: int):
     ``torch.rand * 1e-6`` from the global generator; here the noise comes from a generator seeded 0, so a
     run is reproducible (and equals the official one after ``torch.manual_seed(0)``)."""
     n, c = x.shape
-    dist_matrix = (x[:, None, :] - x[None, :, :]).norm(dim=-1, p=2)[None] / (c**0.5)
+    dist_matrix = _distances(x[None]) / (c**0.5)
     dist_nearest, _ = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
     density = (-(dist_nearest**2).mean(dim=-1)).exp()
     density = density + torch.rand(density.shape, generator=torch.Generator().manual_seed(0), dtype=density.dtype) * 1e-6
@@ -241,7 +249,7 @@ def density_peak_rows(x: torch.Tensor, cluster_num: int):
     """``density_peak_merge`` for ``G`` rows of the same size at once: ``x [G, M, C]`` -> ``(centres [G,
     cluster_num], assign [G, M])``; the same per-row noise (a generator seeded 0, as there)."""
     g, n, c = x.shape
-    dist_matrix = (x[:, :, None, :] - x[:, None, :, :]).norm(dim=-1, p=2) / (c**0.5)
+    dist_matrix = _distances(x) / (c**0.5)
     dist_nearest, _ = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
     density = (-(dist_nearest**2).mean(dim=-1)).exp()
     noise = torch.rand((1, n), generator=torch.Generator().manual_seed(0), dtype=density.dtype)
@@ -276,8 +284,9 @@ class SparseVLM(Staged):
 
     Proven equal to a reference written from that code (``tests/test_faithful.py``). Deviations: a
     recycled token sits at its cluster centre's position (the official code appends it after the kept
-    visual tokens and renumbers positions); several images of one sample are ranked together.
-    ``recycle=False`` is version 2_0's "cancel merge" (no recycled tokens).
+    visual tokens and renumbers positions); several images of one sample are ranked together; the
+    recycling's pairwise distances come from ``torch.cdist`` instead of a ``[M, M, C]`` broadcast (equal up
+    to float rounding; see ``_distances``). ``recycle=False`` is version 2_0's "cancel merge" (no recycled tokens).
 
     Example:
         >>> sparsevlm_counts(64, 576), sparsevlm_counts(144, 576)  # the official table; interpolated

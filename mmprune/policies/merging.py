@@ -21,6 +21,8 @@ from .batch import (
     BatchPlan,
     BatchTokens,
     attention_received_rows,
+    bipartite_ragged,
+    bipartite_rounds,
     bipartite_rows,
     combine_batch,
     keep_from_rows,
@@ -579,6 +581,15 @@ class Pool(Policy):
         return _plan_from_groups(gid, coords, t)
 
 
+def _rows_by_shape(ns: list[int], ks: list[int]) -> dict:
+    """Rows that need merging (``n > k``), grouped by ``(n, k)`` so each group merges as one batch."""
+    shapes: dict = {}
+    for i, (c, k) in enumerate(zip(ns, ks)):
+        if c > k:
+            shapes.setdefault((c, k), []).append(i)
+    return shapes
+
+
 def _split_to(gid: torch.Tensor, xyz: torch.Tensor, k: int) -> torch.Tensor:
     """Halve the largest groups along their longest extent until there are k groups (or singletons)."""
     gid = gid.clone()
@@ -654,8 +665,7 @@ class Temporal(Policy):
     def select_batch(self, bt: BatchTokens) -> BatchPlan:
         """``select`` for every image / video of the batch at once: frame descriptors, cuts, same-cell
         predecessors and their ranking as batched tensor algebra, chains resolved by pointer jumping (no
-        loop over tokens). Whether a video still needs spatial merging depends on how many tokens found a
-        predecessor inside their scene: one read per stage when the batch holds a video."""
+        loop over tokens), the spatial merging by ``bipartite_ragged`` with device-side counts: no read."""
         index, owner, ks = segment_rows(bt)
         b, n = bt.features.shape[:2]
         dev = index.device
@@ -702,28 +712,37 @@ class Temporal(Policy):
             group = torch.where(cand, pred, ar)
             for _ in range(max(1, (t_max - 1).bit_length()) + 1):  # pointer jumping: every chain to its root
                 group = torch.gather(group, 1, group)
-            n_has = has.sum(1).tolist()  # the one read: how many tokens a video can merge in time
-        else:
-            n_has = [0] * s_rows
-        roots_n = [c - min(h, max(0, c - k)) for c, k, h in zip(ns, ks, n_has)]
-        shapes: dict = {}
-        for i, (r, k) in enumerate(zip(roots_n, ks)):
-            if r > k:
-                shapes.setdefault((r, k), []).append(i)
-        for (r, k), rows in shapes.items():  # spatial bipartite merging among the temporal groups
-            sel = torch.tensor(rows).to(dev, non_blocking=True)
-            g = group[sel]
-            gsize = torch.zeros(len(rows), m, device=dev).scatter_add_(1, g, sizes[sel])
-            msum = torch.zeros(len(rows), m, x.shape[-1], device=dev).scatter_add_(
-                1, g.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[sel] * sizes[sel].unsqueeze(-1))
-            roots = mask_positions((g == ar[: len(rows)]) & valid[sel], r)  # ascending token index
-            rm = torch.gather(msum, 1, roots.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            rs = torch.gather(gsize, 1, roots)
-            keep_r, assign_r, _ = bipartite_rows(rm / rs.unsqueeze(-1), rs, k)
-            rpos = torch.full((len(rows), m), -1, dtype=torch.long, device=dev).scatter_(1, roots, torch.arange(
-                r, device=dev).expand(len(rows), r))
-            new_root = torch.gather(roots, 1, torch.gather(keep_r, 1, assign_r))  # root -> its merged root
-            group[sel] = torch.gather(new_root, 1, torch.gather(rpos, 1, g).clamp(min=0))
+        if not any(video):  # images: every token is a root, the counts are host data
+            for (c, k), rows in _rows_by_shape(ns, ks).items():
+                sel = torch.tensor(rows).to(dev, non_blocking=True)
+                xs, ss = x[sel][:, :c], sizes[sel][:, :c]
+                keep_r, assign_r, _ = bipartite_rows(xs * ss.unsqueeze(-1) / ss.unsqueeze(-1), ss, k)  # as _one
+                group[sel, :c] = torch.gather(keep_r, 1, assign_r)
+            return self._plan(bt, group, valid, index, owner, ks, sizes, ar)
+        # spatial bipartite merging among the temporal groups' roots, down to k where more than k remain; the
+        # roots' count is data (how many tokens found a predecessor in their scene), so every row runs the
+        # rounds its worst case needs and a row already at k passes through (no read of the count)
+        roots_mask = (group == ar) & valid
+        roots = mask_positions(roots_mask, m)
+        gsize = torch.zeros(s_rows, m, device=dev).scatter_add_(1, group, sizes)
+        msum = torch.zeros(s_rows, m, x.shape[-1], device=dev).scatter_add_(
+            1, group.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x * sizes.unsqueeze(-1))
+        at = roots.clamp(min=0)
+        rs = torch.gather(gsize, 1, at)
+        rm = torch.gather(msum, 1, at.unsqueeze(-1).expand(-1, -1, x.shape[-1])) / rs.clamp(min=1e-30).unsqueeze(-1)
+        kk = torch.tensor(ks).to(dev, non_blocking=True)
+        rounds = max((bipartite_rounds(c, k) for c, k in zip(ns, ks)), default=0)
+        rep = bipartite_ragged(rm, rs, roots_mask.sum(1), kk, rounds)  # root-list position -> its survivor's
+        new_root = torch.gather(roots, 1, rep.clamp(min=0))
+        rpos = torch.full((s_rows, m + 1), -1, dtype=torch.long, device=dev).scatter_(
+            1, torch.where(roots >= 0, roots, m), ar)[:, :m]
+        group = torch.gather(new_root, 1, torch.gather(rpos, 1, group).clamp(min=0))
+        return self._plan(bt, group, valid, index, owner, ks, sizes, ar)
+
+    @staticmethod
+    def _plan(bt, group, valid, index, owner, ks, sizes, ar) -> BatchPlan:
+        """Per row, each token's group root -> the batch plan (roots kept, members merged into them)."""
+        b, n = bt.features.shape[:2]
         group = torch.where(valid, group, -1)
         keep = keep_from_rows(mask_positions((group == ar) & valid, max(ks, default=0)), index, owner, ks, b, n)
         rep_slot = torch.where(group >= 0, torch.gather(index, 1, group.clamp(min=0)), -1)
