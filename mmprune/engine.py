@@ -62,6 +62,7 @@ import torch
 
 from .apply import Run, gather_rows
 from .attention import attention_probs, pagerank_importance, rotary_keys
+from .beside import Beside
 from .decode import DecodeMixin, SeqState, _cache_of
 from .kernels import scatter_tokens
 from .locate import HostCopy, locate, prefetch_ids
@@ -114,11 +115,17 @@ class Engine(SelectMixin, DecodeMixin):
         self.pre_stages = [s for s in stages if s.layer is None]
         self.llm_stages = sorted([s for s in stages if s.layer is not None], key=lambda s: s.layer)
         self.enabled = True
+        # keeps every token whatever the input (policy none, or a fixed-count policy at budget 1.0): such a wrap
+        # passes through what it could not prune (a custom 4-D or per-layer-type attention mask)
+        self.identity = all(s.policy.name == "none" or (isinstance(s.config.budget, float) and s.config.budget >= 1.0
+                                                         and not getattr(s.policy, "adaptive", False)) for s in stages)
         self.call: CallCtx | None = None
         self.run: Run | None = None
         self.decode_state: SeqState | None = None
         self.decode_masks: dict = {}
         self.decode_lm_mask: torch.Tensor | None = None
+        self.caches = Beside()  # a KV cache this engine pruned the prompt of -> its SeqState
+        self.encoded = Beside()  # an encoder output -> {"items", "signals", "note", "seconds"}
         self._traces: dict = {}  # thread id -> the last prefill's Trace in that thread (None: the latest of any)
         self.last_host_read = False  # the last prefill's layout needed the host copy of input_ids
         # One forward at a time: the per-call state above lives on the engine (and on the adapter's vision
@@ -187,7 +194,8 @@ class Engine(SelectMixin, DecodeMixin):
                 install(self)
         for modality, owner, name in self.adapter.encoder_methods():
             self._patch(owner, name, self._wrap_encoder(modality, getattr(owner, name)))
-        self._patch(m, "prepare_inputs_for_generation", self._wrap_prepare(m.prepare_inputs_for_generation))
+        if hasattr(m, "prepare_inputs_for_generation"):  # a bare base model has no generate
+            self._patch(m, "prepare_inputs_for_generation", self._wrap_prepare(m.prepare_inputs_for_generation))
         if hasattr(m, "_expand_multimodal_outputs"):
             self._patch(m, "_expand_multimodal_outputs", self._wrap_expand(m._expand_multimodal_outputs))
         self.adapter.install_extras(self)
@@ -265,32 +273,32 @@ class Engine(SelectMixin, DecodeMixin):
             finally:
                 if cap is not None:
                     cap.stop()
+            if isinstance(out, tuple):  # return_dict=False: a user's direct call; the forward asks for an output
+                return out
+            info = {"items": None, "signals": None, "note": None, "seconds": None}
             try:
-                out._mmprune_items = self.adapter.encoder_items(modality, out, args, kwargs)
+                info["items"] = self.adapter.encoder_items(modality, out, args, kwargs)
             except Exception:  # never break the model for bookkeeping; fall back to contiguous runs
-                out._mmprune_items = None
-            out._mmprune_signals = None
+                pass
             if cap is not None:
-                out._mmprune_signals = cap.items(out, args, kwargs)  # None (+ cap.error) when unavailable
-                out._mmprune_signal_note = cap.error
-                out._mmprune_signal_s = cap.seconds
+                info["signals"] = cap.items(out, args, kwargs)  # None (+ cap.error) when unavailable
+                info["note"], info["seconds"] = cap.error, cap.seconds
+            self.encoded.put(out, info)  # generate encodes once and hands the output back to the forward
             if self.call is not None and not self.call.decode:
-                if out._mmprune_items is not None:
-                    self.call.items[modality] = out._mmprune_items
-                self._take_signals(self.call, modality, out)
+                if info["items"] is not None:
+                    self.call.items[modality] = info["items"]
+                self._take_signals(self.call, modality, info)
             return out
 
         return wrapped
 
     @staticmethod
-    def _take_signals(ctx: CallCtx, modality: str, out) -> None:
-        sig = getattr(out, "_mmprune_signals", None)
-        if sig is not None:
-            ctx.signals[modality] = sig
-        note = getattr(out, "_mmprune_signal_note", None)
-        if note:
-            ctx.notes.append(f"{modality}: {note}")
-        secs = getattr(out, "_mmprune_signal_s", None)
+    def _take_signals(ctx: CallCtx, modality: str, info: dict) -> None:
+        if info["signals"] is not None:
+            ctx.signals[modality] = info["signals"]
+        if info["note"]:
+            ctx.notes.append(f"{modality}: {info['note']}")
+        secs = info["seconds"]
         if secs is not None:
             ctx.notes.append(("signal_s", secs))
 
@@ -300,6 +308,17 @@ class Engine(SelectMixin, DecodeMixin):
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
             mask = kwargs.get("attention_mask")
+            ids = args[0] if args else kwargs.get("input_ids")
+            cache = _cache_of(kwargs)
+            state = self.caches.get(cache) if cache is not None else None
+            nsl = kwargs.get("next_sequence_length")
+            if state is not None and ids is not None and nsl is not None:
+                # continuing from a pruned cache with the whole conversation as input_ids (a chat's next turn):
+                # generate counts the new tokens from the cache's (pruned) length; count them from the length
+                # the cache stands for instead
+                past = cache.get_seq_length()
+                if nsl == ids.shape[1] - past:
+                    kwargs["next_sequence_length"] = ids.shape[1] - (state.full_len + past - state.index0.shape[1])
             out = fn(*args, **kwargs)
             # generate() pre-builds 4-D masks for static caches from the *full-length* 2-D mask; after
             # pruning the cache is shorter, so hand the 2-D mask on and let the LM build the mask itself.
@@ -335,12 +354,13 @@ class Engine(SelectMixin, DecodeMixin):
             result = fn(input_ids, mm_encoder_output, expand_size=expand_size, inputs_embeds=inputs_embeds)
             for modality, order in orders.items():
                 out = result.get(modality)
+                info = self.encoded.get(out)
                 n = len(out.pooler_output)
-                for attr in ("_mmprune_items", "_mmprune_signals"):
-                    vals = getattr(out, attr, None)
+                for name in ("items", "signals"):
+                    vals = None if info is None else info[name]
                     if isinstance(vals, list):
                         ok = len(order) == n and all(i < len(vals) for i in order)
-                        setattr(out, attr, [vals[i] for i in order] if ok else None)
+                        info[name] = [vals[i] for i in order] if ok else None
             return result
 
         return wrapped
@@ -352,8 +372,8 @@ class Engine(SelectMixin, DecodeMixin):
         if not self.enabled:
             return None
         cache = _cache_of(kwargs)
-        state = getattr(cache, "_mmprune", None) if cache is not None else None
-        if state is not None and state.owner == self.id and cache.get_seq_length() > 0:
+        state = self.caches.get(cache) if cache is not None else None
+        if state is not None and cache.get_seq_length() > 0:
             self.call = CallCtx(decode=True)
             self.decode_state = state
             if kwargs.get("attention_mask") is None:
@@ -377,7 +397,8 @@ class Engine(SelectMixin, DecodeMixin):
             if isinstance(t, torch.Tensor):
                 self.adapter.host_copies[name] = (t, HostCopy(t))
         for modality, out in (kwargs.get("mm_encoder_outputs") or {}).items():
-            items = getattr(out, "_mmprune_items", None)
+            info = self.encoded.get(out) if out is not None else None
+            items = None if info is None else info["items"]
             if items is None and out is not None:
                 try:
                     items = self.adapter.encoder_items(modality, out, (), {})
@@ -385,8 +406,8 @@ class Engine(SelectMixin, DecodeMixin):
                     items = None
             if items is not None:
                 ctx.items[modality] = items
-            if out is not None:
-                self._take_signals(ctx, modality, out)
+            if info is not None:
+                self._take_signals(ctx, modality, info)
         ltk = kwargs.get("logits_to_keep", 0)
         ctx.keep_full = not (isinstance(ltk, int) and ltk == 1)
         self.call = ctx
@@ -437,7 +458,12 @@ class Engine(SelectMixin, DecodeMixin):
         dev = x.device
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
-            raise ValueError("mmprune needs a 2-D attention_mask (or None) at the language model; got a prebuilt mask")
+            if self.identity:  # nothing to prune: the custom mask goes through untouched
+                self.last_trace = Trace(notes=["a custom attention mask went through unpruned (identity wrap)"])
+                return None
+            form = "a dict of masks by layer type" if isinstance(mask, dict) else f"a {mask.dim()}-D mask"
+            raise ValueError(f"mmprune cannot prune with a custom attention mask ({form}); pass a 2-D [batch, "
+                             f"length] mask or None, or wrap with policy 'none' / budget 1.0 to pass it through")
         mask2d = torch.ones(b, l0, dtype=torch.long, device=dev) if mask is None else mask.long()
         lay = locate(ctx, self.adapter, dev)
         arange = torch.arange(l0, device=dev).expand(b, l0)
@@ -471,7 +497,7 @@ class Engine(SelectMixin, DecodeMixin):
         if not any(lay.n):
             return None
         if cache is not None:
-            cache._mmprune = SeqState(owner=self.id, full_len=l0, index0=arange.clone())
+            self.caches.put(cache, SeqState(owner=self.id, full_len=l0, index0=arange.clone()))
         if not self.pre_stages:
             self._mark_lm_input(run)
             return None
@@ -479,7 +505,8 @@ class Engine(SelectMixin, DecodeMixin):
         for stage in self.pre_stages:
             feats, _ = self._apply_stage(stage, run, feats)
         kwargs["inputs_embeds"] = feats
-        kwargs["attention_mask"] = run.mask2d
+        if mask is not None or b > 1:  # batch 1 without a mask stays None: SDPA's causal path, packed position_ids
+            kwargs["attention_mask"] = run.mask2d
         self._mark_lm_input(run)
         pos = kwargs.get("position_ids")
         if pos is None:  # what the text model would use by default
@@ -488,7 +515,7 @@ class Engine(SelectMixin, DecodeMixin):
         self.adapter.prune_lm_kwargs(kwargs, run)
         run.rel = torch.where(run.orig >= 0, torch.arange(run.orig.shape[1], device=dev).expand_as(run.orig), -1)
         if cache is not None:
-            cache._mmprune.index0 = run.orig.clone()
+            self.caches.get(cache).index0 = run.orig.clone()
         return args, kwargs
 
     def _lm_post(self, module, args, kwargs, output):
@@ -553,8 +580,9 @@ class Engine(SelectMixin, DecodeMixin):
                 run.pos_ids = gather_rows(run.pos_ids, index, run.pos_ids.dim() - 1)
             run.masks = {}
             run.pruned_in_llm = True
-            if run.cache is not None and getattr(run.cache, "_mmprune", None) is not None:
-                run.cache._mmprune.stage_masks[stage.layer] = run.mask2d.clone()
+            state = self.caches.get(run.cache) if run.cache is not None else None
+            if state is not None:
+                state.stage_masks[stage.layer] = run.mask2d.clone()
         if not run.pruned_in_llm:
             return None
         counts = _layer_counts(run)

@@ -31,10 +31,11 @@ def adapter_for(model):
     """The adapter instance for ``model``; UnsupportedModelError naming the supported families otherwise."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _ADAPTERS or not hasattr(model, "model"):
+    base = model.model if hasattr(model, "lm_head") else model  # a *ForConditionalGeneration, or the bare base
+    if model_type not in _ADAPTERS or not hasattr(getattr(base, "language_model", None), "layers"):
         raise UnsupportedModelError(
             f"unsupported model {type(model).__name__} (model_type={model_type!r}); mmprune supports the "
-            f"*ForConditionalGeneration classes of: {', '.join(supported_families())}"
+            f"*ForConditionalGeneration and base *Model classes of: {', '.join(supported_families())}"
         )
     mod, cls = _ADAPTERS[model_type].split(":")
     return getattr(importlib.import_module(f"{__name__}.{mod}"), cls)(model)

@@ -97,7 +97,9 @@ class Adapter:
 
     # -- modules
     def inner(self):
-        return self.model.model
+        """The base model holding the tower and the decoder: ``model.model`` of a ``*ForConditionalGeneration``,
+        the model itself when a bare ``LlavaModel`` / ``Qwen2VLModel`` / ... is wrapped."""
+        return self.model.model if hasattr(self.model, "lm_head") else self.model
 
     def language_model(self):
         return self.inner().language_model

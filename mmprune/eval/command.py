@@ -34,7 +34,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=8, help="frames sampled per video")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
-    p.add_argument("--out", default="runs/eval", help="output folder (re-running the same command resumes)")
+    p.add_argument("--out", default="runs/eval", help="output folder (re-running the same command resumes; a "
+                   "changed --data, --dtype, --seed, --max-new-tokens or --frames is a new run beside it; a larger "
+                   "--limit extends the run)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
