@@ -170,14 +170,15 @@ def test_mmbench_matchers():
 
 
 def test_task_specific_extractors():
-    # ScienceQA (LLaVA rule): exact letter, or "<Letter>." prefix
-    assert [M.sqa_match(p, "B") for p in ["B", "B. iron", "(B)", "b", "A. iron"]] == [1.0, 1.0, 0.0, 0.0, 0.0]
-    # SEED-Bench: first character only
+    # ScienceQA (lmms-eval 0.7.3 sqa_process_results): the letter in any case, or a "<Capital>." prefix
+    assert [M.sqa_match(p, "B") for p in ["B", "B. iron", "(B)", "b", "A. iron", "b. iron"]] == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    # SEED-Bench: first character only, compared case-insensitively
     assert [M.seed_extract(p) for p in [" B", "B. dog", "The answer is B", ""]] == ["B", "B", "T", ""]
-    # Video-MME: prefixes stripped, first capital A-D
+    assert [M.seed_match(p, "B") for p in ["b", "B. dog", "c) Horse", ""]] == [1.0, 1.0, 0.0, 0.0]
+    # Video-MME / MLVU since 0.7.2: extract_mcq_answer over A-D
     assert M.videomme_extract("The best answer is C.") == "C"
     assert M.videomme_extract("(B) Red") == "B"
-    assert M.videomme_extract("one two three four five six seven eight nine ten eleven") == ""
+    assert M.videomme_extract("Answer: B") == "B"
     assert M.videomme_extract("xyz") == ""
     # MVBench mcq_acc: "X. text" -> X, else first standalone letter (any case), else the text
     assert M.mvbench_match("(B) moving left", "B") == 1.0
@@ -185,5 +186,4 @@ def test_task_specific_extractors():
     assert M.mvbench_match("a cat", "A") == 1.0  # lmms-eval quirk: the article reads as A
     assert M.mvbench_match("left", "B") == 0.0
     assert M.mvbench_match("B", None) == 0.0
-    # MLVU: the character before the first ")", else the stripped text
-    assert [M.mlvu_extract(p) for p in ["B) a cat", "(C) dog", " D ", "x"]] == ["B", "C", "D", "x"]
+    assert [M.mlvu_extract(p) for p in ["B) a cat", "(C) dog", " D ", "x"]] == ["B", "C", "D", ""]

@@ -24,7 +24,8 @@ def number(text: str):
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local save_pretrained folder, hub id, or testbed-llava / testbed-qwen2vl")
-    p.add_argument("--task", required=True, help="task name (see `mmprune tasks`)")
+    p.add_argument("--task", required=True, help="task name (see `mmprune tasks`); prompts and scores are "
+                   "lmms-eval 0.7.3's")
     p.add_argument("--data", default=None, help="local benchmark files in their published layout")
     p.add_argument("--layer", type=int, default=None, help="decoder layer for in-LLM policies (default: the policy's)")
     p.add_argument("--limit", type=int, default=None, help="first N samples only")

@@ -42,6 +42,8 @@ __all__ = [
     "videomme_extract",
     "mvbench_match",
     "mlvu_extract",
+    "extract_mcq_answer",
+    "seed_match",
 ]
 
 LETTERS = string.ascii_uppercase
@@ -285,25 +287,25 @@ _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 
 
 def gqa_normalize(text: str) -> str:
-    """Lower-case, delete ASCII punctuation, strip surrounding whitespace.
-
-    (HF ``exact_match`` does not strip; lmms-eval's model wrappers strip generations before scoring.)
+    """HF ``exact_match`` with ignore_case and ignore_punctuation: lower-case, delete ASCII punctuation, and
+    nothing else (no strip: a space left before deleted punctuation stays).
 
     Example:
-        >>> gqa_normalize(" Left. ")
-        'left'
+        >>> gqa_normalize("Left."), gqa_normalize("left .")
+        ('left', 'left ')
     """
-    return str(text).lower().translate(_PUNCT_TABLE).strip()
+    return str(text).lower().translate(_PUNCT_TABLE)
 
 
 def gqa_exact_match(prediction: str, answer: str) -> float:
-    """1.0 if prediction and answer are equal after :func:`gqa_normalize`.
+    """GQA as lmms-eval scores it: the generation stripped (its model wrappers do), then
+    :func:`gqa_normalize` on both sides, compared exactly.
 
     Example:
-        >>> gqa_exact_match("Yes.", "yes"), gqa_exact_match("the table", "table")
-        (1.0, 0.0)
+        >>> gqa_exact_match(" Yes. ", "yes"), gqa_exact_match("left .", "left"), gqa_exact_match("the table", "table")
+        (1.0, 0.0, 0.0)
     """
-    return float(gqa_normalize(prediction) == gqa_normalize(answer))
+    return float(gqa_normalize(str(prediction).strip()) == gqa_normalize(answer))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,8 +327,8 @@ def mmbench_can_infer_option(answer: str, num_choice: int = 5) -> str | None:
     A letter counts if it is the only one among the first ``num_choice`` letters standing alone as a
     whitespace token, or, failing that, the only one in one of the forms ``B.``, ``B,``, ``B:``,
     ``B)``, ``B).``, ``(B)``, ``(B).``, ``:B``, ``:B,``, ``:B.``, ``:B)``, ``:B).``. A lone "A" in a
-    sentence longer than three words may be the article, so it does not count there. Note: the
-    standalone-token count only looks at A–D, as the original does.
+    sentence longer than three words may be the article, so it does not count there. (lmms-eval 0.7.3
+    counts the standalone letters over all ``num_choice`` letters, A–E.)
 
     Example:
         >>> mmbench_can_infer_option("(C) a red car")
@@ -340,7 +342,7 @@ def mmbench_can_infer_option(answer: str, num_choice: int = 5) -> str | None:
     def count(prefix: str = "", suffix: str = "", letters: str = choices) -> int:
         return sum(1 for c in letters if prefix + c + suffix in splits)
 
-    if count(letters="ABCD") == 1:
+    if count() == 1:
         for ch in choices:
             if "A" in splits and len(splits) > 3:
                 break
@@ -357,14 +359,15 @@ def mmbench_can_infer_option(answer: str, num_choice: int = 5) -> str | None:
 
 
 def mmbench_can_infer_text(answer: str, choices: Mapping[str, str] | Sequence[str]) -> str | None:
-    """MMBench's option-text matcher: the one option whose (lower-cased) text occurs in the answer.
+    """MMBench's option-text matcher: the one option among A–D (``build_choices`` never offers E) whose
+    lower-cased text occurs in the lower-cased answer.
 
     Example:
         >>> mmbench_can_infer_text("I see a dog", {"A": "cat", "B": "dog"})
         'B'
     """
     ans = str(answer).lower()
-    cands = [k for k, v in _choices_dict(choices).items() if v.lower() in ans]
+    cands = [k for k, v in _choices_dict(choices).items() if k in "ABCD" and v.lower() in ans]
     return cands[0] if len(cands) == 1 else None
 
 
@@ -451,18 +454,31 @@ def multiple_choice_accuracy(predictions: Iterable[str], answers: Iterable[str],
 
 
 def sqa_match(prediction: str, target: str) -> float:
-    """ScienceQA as lmms-eval (and LLaVA) score it: the answer is the letter, or starts with "<Letter>.".
+    """ScienceQA as lmms-eval (and LLaVA) score it (``sqa_process_results``): the answer is the letter in
+    any case, or starts with "<Capital>.".
 
     Example:
-        >>> sqa_match("B", "B"), sqa_match("B. iron", "B"), sqa_match("(B)", "B")
-        (1.0, 1.0, 0.0)
+        >>> sqa_match("B", "B"), sqa_match("b", "B"), sqa_match("B. iron", "B"), sqa_match("(B)", "B")
+        (1.0, 1.0, 1.0, 0.0)
     """
+    target = str(target).strip().lower()
     pred = str(prediction).strip()
-    if pred == target:
+    if pred.lower() == target:
         return 1.0
     if len(pred) >= 2 and pred[0].isupper() and pred[1] == ".":
-        return float(pred[0] == target)
+        return float(pred[0].lower() == target)
     return 0.0
+
+
+def seed_match(prediction: str, answer: str) -> float:
+    """SEED-Bench as lmms-eval scores it (``seed_process_result`` + ``seed_aggregation_result``): the first
+    character of the stripped answer, compared case-insensitively.
+
+    Example:
+        >>> seed_match("b", "B"), seed_match("C) Horse", "C"), seed_match("The answer is B", "B")
+        (1.0, 1.0, 0.0)
+    """
+    return float(seed_extract(prediction).lower().strip() == str(answer).lower().strip())
 
 
 def seed_extract(prediction: str) -> str:
@@ -476,34 +492,74 @@ def seed_extract(prediction: str) -> str:
     return pred[:1]
 
 
-_VIDEOMME_PREFIXES = (
-    "The best answer is",
-    "The correct answer is",
-    "The answer is",
-    "The answer",
-    # Two pairs of literals are concatenated in lmms-eval's list (missing commas); kept as written.
-    "The best option isThe correct option is",
-    "Best answer:Best option:",
-)
+# lmms-eval 0.7.3, lmms_eval/tasks/_task_utils/mcq_extract.py (extract_mcq_answer): Video-MME, MLVU and the
+# offline MMBench matcher use it since v0.7.2.
+_MCQ_PHRASES = [
+    "the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+    "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
+    "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select", "i pick",
+    "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは",
+]  # fmt: skip
+_MCQ_PRIORITY = {"start": 10, "end": 9, "phrase": 7, "parentheses": 6, "period": 5, "colon": 4, "right_paren": 3,
+                 "space": 2, "fallback": 0}  # fmt: skip
+
+
+def extract_mcq_answer(response: str, choices: Sequence[str] | None = None) -> str:
+    """lmms-eval's multiple-choice letter extraction, rule for rule: every letter found in a known form
+    ("(B)", "B.", "B:", "B)", "B ", after an answer phrase, at the start or the end) is a candidate; the
+    highest-priority form wins, the last occurrence within a form; "" when no letter is found.
+
+    Example:
+        >>> extract_mcq_answer("The correct answer is (B)."), extract_mcq_answer("Answer: B", ["A", "B", "C", "D"])
+        ('B', 'B')
+        >>> extract_mcq_answer("no idea", ["A", "B", "C", "D"])
+        ''
+    """
+    if not response or not response.strip():
+        return ""
+    letters = list(choices or "ABCDEFGH")
+    text = response.strip()
+    for ch in [",", ".", "!", "?", ";", ":", "'", '"']:
+        text = text.strip(ch)
+    text = " " + text + " "
+    cands: list[tuple[str, int, str]] = []
+    for form, pattern in (("parentheses", "({})"), ("period", "{}."), ("colon", "{}:"), ("right_paren", "{})"),
+                          ("space", "{} ")):
+        for ch in letters:
+            if pattern.format(ch) in text:
+                cands.append((ch, text.rfind(pattern.format(ch)), form))
+    lower = text.lower()
+    for phrase in _MCQ_PHRASES:
+        idx = lower.find(phrase)
+        if idx != -1:
+            for ch in letters:
+                pos = text.find(ch, idx + len(phrase))
+                if pos != -1:
+                    cands.append((ch, pos, "phrase"))
+    stripped = text.strip()
+    for ch in letters:
+        if stripped.startswith(ch) and (len(stripped) == 1 or not stripped[1].isalpha()):
+            cands.append((ch, 0, "start"))
+    for ch in letters:
+        if stripped.endswith(ch) and (len(stripped) == 1 or not stripped[-2].isalpha()):
+            cands.append((ch, len(text) - 1, "end"))
+    if not cands:
+        cands = [(ch, text.rfind(ch), "fallback") for ch in letters if ch in text]
+    if not cands:
+        return ""
+    cands.sort(key=lambda c: (_MCQ_PRIORITY.get(c[2], 0), c[1]), reverse=True)
+    return cands[0][0]
 
 
 def videomme_extract(prediction: str) -> str:
-    """Video-MME's letter extraction (lmms-eval ``extract_characters_regex``); "" when none.
-
-    Known answer prefixes are removed; an answer longer than ten words with no capital A–D gives "";
-    otherwise the first capital A–D anywhere in the text.
+    """Video-MME's (and MLVU's) letter extraction since lmms-eval 0.7.2: ``extract_characters_regex`` is
+    :func:`extract_mcq_answer` over A–D; "" when none.
 
     Example:
-        >>> videomme_extract("The best answer is C."), videomme_extract("no idea")
-        ('C', '')
+        >>> videomme_extract("The best answer is C."), videomme_extract("Answer: B"), videomme_extract("no idea")
+        ('C', 'B', '')
     """
-    s = str(prediction).strip()
-    for prefix in _VIDEOMME_PREFIXES:
-        s = s.replace(prefix, "")
-    m = re.search(r"[ABCD]", s)
-    if len(s.split()) > 10 and m is None:
-        return ""
-    return m.group(0) if m else ""
+    return extract_mcq_answer(str(prediction), ["A", "B", "C", "D"])
 
 
 # MVBench's copy of the VQA punctuation step differs only in its digit-comma-digit pattern.
@@ -537,16 +593,11 @@ def mvbench_match(prediction: str, gt_letter: str) -> float:
 
 
 def mlvu_extract(prediction: str) -> str:
-    """MLVU (dev) as lmms-eval reads it: the character before the first ")", else the stripped text.
-
-    The prompt ends with "Best option: (", so a reply like "A) the dog" gives "A".
+    """MLVU (dev) as lmms-eval 0.7.3 reads it: :func:`extract_mcq_answer` over A–D (the prompt ends with
+    "Best option: (", so a reply like "A) the dog" gives "A").
 
     Example:
-        >>> mlvu_extract("B) a cat"), mlvu_extract(" C ")
-        ('B', 'C')
+        >>> mlvu_extract("B) a cat"), mlvu_extract(" C "), mlvu_extract("Answer: B")
+        ('B', 'C', 'B')
     """
-    s = str(prediction).strip()
-    if ")" in s:
-        i = s.index(")")
-        return s[i - 1 : i]
-    return s
+    return extract_mcq_answer(str(prediction), ["A", "B", "C", "D"])

@@ -35,6 +35,7 @@ from .store import (
     split_records,
 )
 from .store import write_results as _write_results
+from .tasks import LMMS_EVAL_VERSION
 
 ALIASES = ("testbed-llava", "testbed-qwen2vl")
 
@@ -427,7 +428,8 @@ def finalize(cfg: EvalConfig, task, key: str, n_total: int, ids: set | None = No
     score, metric, extra = task.aggregate(details) if details else (None, task.metric, {})
     run = {
         "key": key, "model": cfg.model, "task": cfg.task, "policy": cfg.policy, "budget": cfg.budget,
-        "layer": cfg.layer, "options": cfg.options or {}, "settings": run_settings(cfg, task), "n": len(details), "failed": len(failed),
+        "layer": cfg.layer, "options": cfg.options or {}, "settings": run_settings(cfg, task),
+        "lmms_eval": LMMS_EVAL_VERSION, "n": len(details), "failed": len(failed),
         "n_total": n_total, "score": score, "metric": metric, "extra": extra,
         "visual_tokens_in": _mean([r.get("visual_tokens_in") for r in ok]),
         "visual_tokens_kept": _mean([r.get("visual_tokens_kept") for r in ok]),

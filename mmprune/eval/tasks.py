@@ -58,6 +58,9 @@ __all__ = [
     "find_tables",
 ]
 
+# The lmms-eval release whose prompts, per-sample scores and aggregates these tasks reproduce (differential
+# tests: tests/test_lmms_eval_alignment.py against code extracted from its wheel).
+LMMS_EVAL_VERSION = "0.7.3"
 POST_SHORT = "\nAnswer the question using a single word or phrase."
 POST_LETTER = "\nAnswer with the option's letter from the given choices directly."
 VIDEO_EXTS = (".mp4", ".MP4", ".mkv", ".webm", ".avi", ".mov")
@@ -817,8 +820,11 @@ class MmbenchTask(Task):
 
     def score(self, sample: Sample, prediction: str) -> dict:
         opts = sample.meta["options"]
-        # MMBench's deterministic pre-matcher, then our extractor where the official scorer asks an LLM.
-        letter = M.mmbench_can_infer(prediction, dict(opts)) or M.extract_choice(prediction, opts)
+        # mmbench_en_dev_static (MMBench_Evaluator.eval_sub_data, static_only): the deterministic
+        # pre-matcher, else extract_mcq_answer over the A-D options present (no API judge)
+        prediction = str(prediction).strip()
+        letter = M.mmbench_can_infer(prediction, dict(opts)) or (
+            M.extract_mcq_answer(prediction, sorted(k for k in opts if k in "ABCD")) or None)
         return {
             "score": float(letter == sample.answer),
             "pred": letter,
@@ -833,6 +839,9 @@ class MmbenchTask(Task):
         groups: dict[int, list[dict]] = defaultdict(list)
         for d in ds:
             groups[int(d["index"]) % 1_000_000].append(d)
+        # only questions whose main record (index < 1e6) is there are counted, as eval_result's data_main
+        mains = {int(d["index"]) for d in ds if int(d["index"]) < 1_000_000}
+        groups = {g: v for g, v in groups.items() if g in mains}
         hits = {g: float(all(d["score"] == 1.0 for d in v)) for g, v in groups.items()}
         cat_of = {}
         for g, v in groups.items():
@@ -884,7 +893,7 @@ class SeedbenchTask(Task):
 
     def score(self, sample: Sample, prediction: str) -> dict:
         return {
-            "score": float(M.seed_extract(prediction) == sample.answer),
+            "score": M.seed_match(prediction, sample.answer),
             "robust": float(M.extract_choice(prediction, sample.choices) == sample.answer),
             "data_type": sample.meta.get("data_type"),
         }
@@ -944,7 +953,9 @@ class VideoMmeTask(Task):
     def score(self, sample: Sample, prediction: str) -> dict:
         pred = M.videomme_extract(prediction)
         return {
-            "score": float(pred.lower() == sample.answer.lower()),
+            # videomme_aggregate_results counts pred_answer == answer (its per-sample "score" lower-cases;
+            # the reported aggregate does not)
+            "score": float(pred == sample.answer),
             "pred": pred,
             "robust": float(M.extract_choice(prediction, sample.choices) == sample.answer),
             "duration": sample.meta.get("duration"),
@@ -1027,7 +1038,7 @@ class MvbenchTask(Task):
     def build_prompt(row: dict) -> str:
         # lmms_eval/tasks/mvbench/utils.py mvbench_doc_to_text; the sub-task yamls' post_prompt.
         opts = "".join(f"({string.ascii_uppercase[i]}) {c}\n" for i, c in enumerate(row["candidates"]))
-        return "Question:" + str(row["question"]) + "\nOption:\n" + opts + POST_LETTER.lstrip("\n")
+        return "Question:" + str(row["question"]) + "\nOption:\n" + opts + "Only give the best option.\n"
 
     def score(self, sample: Sample, prediction: str) -> dict:
         return {
@@ -1048,6 +1059,9 @@ class MvbenchTask(Task):
             "per_sub_task": _by(answered, "sub_task"),
         }
         return _pct([d["score"] for d in answered]), self.metric, extra
+
+
+MLVU_DEV_TYPES = ("anomaly_reco", "count", "ego", "needle", "order", "plotQA", "topic_reasoning")
 
 
 class MlvuTask(Task):
@@ -1084,9 +1098,8 @@ class MlvuTask(Task):
 
     @staticmethod
     def build_prompt(row: dict) -> str:
-        # lmms_eval/tasks/mlvu/utils.py mlvu_doc_to_text (option_prompt is empty there)
-        question = str(row["question"]) + "\nOnly give the best option.\n"
-        return "" + "\n" + question + "\n" + "Best option: ("
+        # lmms_eval/tasks/mlvu/utils.py mlvu_doc_to_text: pre_prompt + question + post_prompt (mlvu_dev.yaml)
+        return str(row["question"]) + "\nOnly give the best option.\nBest option: ("
 
     def score(self, sample: Sample, prediction: str) -> dict:
         pred = M.mlvu_extract(prediction)
@@ -1099,12 +1112,13 @@ class MlvuTask(Task):
         }
 
     def aggregate(self, per_sample):
-        # mlvu_aggregate_results_dev: mean of per-task-type accuracies. lmms-eval divides by all seven dev
-        # types even when some are absent; here the mean is over the types present (same on full data).
+        # mlvu_aggregate_results_dev: the mean of the seven dev task types' accuracies, an absent type
+        # counting 0 (so a subset scores low); the mean over the types present is in extra
         ds = _details(per_sample)
         per = _by(ds, "task_type")
-        extra = {"n": len(ds), "accuracy_micro": _pct([d["score"] for d in ds]), **_robust_extra(ds), "per_task_type": per}
-        return (sum(per.values()) / len(per) if per else 0.0), self.metric, extra
+        extra = {"n": len(ds), "accuracy_micro": _pct([d["score"] for d in ds]), **_robust_extra(ds), "per_task_type": per,
+                 "m_avg_present": sum(per.values()) / len(per) if per else 0.0}
+        return sum(per.get(t, 0.0) for t in MLVU_DEV_TYPES) / len(MLVU_DEV_TYPES), self.metric, extra
 
 
 # --------------------------------------------------------------------------------------------------

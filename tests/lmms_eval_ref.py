@@ -1,0 +1,361 @@
+"""Scoring and prompt code of lmms-eval 0.7.3 (the newest release on PyPI, 2026-12; MIT licence,
+Copyright (c) 2024 LMMs-Lab), extracted from its wheel ``lmms_eval-0.7.3-py3-none-any.whl`` so that the
+differential tests in ``test_lmms_eval_alignment.py`` run without the package (which needs torch-free but
+heavy dependencies: pandas, datasets, loguru, pytz, sacrebleu...). Each function names its file; bodies are
+as there, except ``pd.notna`` (pandas) replaced by ``_notna`` and loggers dropped. When the package is
+installed, ``test_lmms_eval_alignment.py`` also checks these extracts against it where it can be imported.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+
+import numpy as np
+
+
+def _notna(v) -> bool:  # pandas.notna on the scalars these rows hold
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+# lmms_eval/api/metrics.py exact_match_hf_evaluate (GQA: ignore_case, ignore_punctuation)
+def exact_match_hf_evaluate(predictions, references, regexes_to_ignore=None, ignore_case=False,
+                            ignore_punctuation=False, ignore_numbers=False):
+    if regexes_to_ignore is not None:
+        for s in regexes_to_ignore:
+            predictions = np.array([re.sub(s, "", x) for x in predictions])
+            references = np.array([re.sub(s, "", x) for x in references])
+    else:
+        predictions = np.asarray(predictions)
+        references = np.asarray(references)
+    if ignore_case:
+        predictions = np.char.lower(predictions)
+        references = np.char.lower(references)
+    if ignore_punctuation:
+        repl_table = string.punctuation.maketrans("", "", string.punctuation)
+        predictions = np.char.translate(predictions, table=repl_table)
+        references = np.char.translate(references, table=repl_table)
+    if ignore_numbers:
+        repl_table = string.digits.maketrans("", "", string.digits)
+        predictions = np.char.translate(predictions, table=repl_table)
+        references = np.char.translate(references, table=repl_table)
+    score_list = predictions == references
+    return {"exact_match": np.mean(score_list)}
+
+
+# lmms_eval/tasks/gqa/utils.py gqa_doc_to_text (gqa.yaml default kwargs)
+GQA_KW = {"pre_prompt": "", "post_prompt": "\nAnswer the question using a single word or phrase."}
+
+
+def gqa_doc_to_text(doc, kw=None):
+    kw = kw or GQA_KW
+    question = doc["question"]
+    return f"{kw['pre_prompt']}{question}{kw['post_prompt']}"
+
+
+# lmms_eval/tasks/scienceqa/utils.py (scienceqa_img.yaml default kwargs)
+SQA_KW = {"format": "default", "pre_prompt": "", "post_prompt": "\nAnswer with the option's letter from the given choices directly."}
+
+
+def sqa_doc_to_text(doc, lmms_eval_specific_kwargs=SQA_KW):
+    context, question, choices = doc["hint"], doc["question"], doc["choices"]
+    len_choices = len(choices)
+    options = [chr(ord("A") + i) for i in range(len_choices)]
+    choices_str = "\n".join([f"{option}. {choice}" for option, choice in zip(options, choices)])
+    if context:
+        context = f"Context: {context}\n"
+    post_prompt = lmms_eval_specific_kwargs["post_prompt"]
+    pre_prompt = lmms_eval_specific_kwargs["pre_prompt"]
+    return f"{pre_prompt}{context}{question}\n{choices_str}{post_prompt}"
+
+
+def sqa_doc_to_target(doc):
+    len_choices = len(doc["choices"])
+    options = [chr(ord("A") + i) for i in range(len_choices)]
+    return options[doc["answer"]]
+
+
+def sqa_process_results(doc, results):
+    target = sqa_doc_to_target(doc).strip().lower()
+    pred = results[0].strip()
+    if pred.lower() == target:
+        return {"exact_match": 1.0}
+    if len(pred) >= 2 and pred[0].isupper() and pred[1] == ".":
+        result = 1.0 if pred[0].lower() == target else 0.0
+        return {"exact_match": result}
+    return {"exact_match": 0.0}
+
+
+# lmms_eval/tasks/seedbench/utils.py
+def seed_doc_to_text(doc):
+    question = doc["question"]
+    question += "\n" + f"A. {doc['choice_a']}\n"
+    question += f"B. {doc['choice_b']}\n"
+    question += f"C. {doc['choice_c']}\n"
+    question += f"D. {doc['choice_d']}"
+    return f"{question}\nAnswer with the option's letter from the given choices directly."
+
+
+def seed_process_result(doc, result):
+    pred = result[0].strip()
+    if len(pred) > 1:
+        pred = pred[0]
+    answer = doc["answer"]
+    return {"pred": pred, "answer": answer, "question_id": doc["question_id"]}
+
+
+def seed_aggregation_result(results):
+    total_count = 0
+    total_correct = 0
+    for result in results:
+        if result["pred"].lower().strip() == result["answer"].lower().strip():
+            total_correct += 1
+        total_count += 1
+    return total_correct / total_count
+
+
+# lmms_eval/tasks/_task_utils/mcq_extract.py
+_DEFAULT_CHOICES = ["A", "B", "C", "D", "E", "F", "G", "H"]
+_ANSWER_PHRASES = [
+    "the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+    "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
+    "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select",
+    "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは",
+]  # fmt: skip
+_FORMAT_PRIORITY = {"start": 10, "end": 9, "phrase": 7, "parentheses": 6, "period": 5, "colon": 4, "right_paren": 3,
+                    "space": 2, "fallback": 0}  # fmt: skip
+
+
+def extract_mcq_answer(response, choices=None):
+    if not response or not response.strip():
+        return ""
+    all_choices = choices or _DEFAULT_CHOICES
+    text = response.strip()
+    for char in [",", ".", "!", "?", ";", ":", "'", '"']:
+        text = text.strip(char)
+    text = " " + text + " "
+    candidates = []
+    for ch in all_choices:
+        if f"({ch})" in text:
+            candidates.append((ch, text.rfind(f"({ch})"), "parentheses"))
+    for ch in all_choices:
+        if f"{ch}." in text:
+            candidates.append((ch, text.rfind(f"{ch}."), "period"))
+    for ch in all_choices:
+        if f"{ch}:" in text:
+            candidates.append((ch, text.rfind(f"{ch}:"), "colon"))
+    for ch in all_choices:
+        if f"{ch})" in text:
+            candidates.append((ch, text.rfind(f"{ch})"), "right_paren"))
+    for ch in all_choices:
+        if f"{ch} " in text:
+            candidates.append((ch, text.rfind(f"{ch} "), "space"))
+    text_lower = text.lower()
+    for phrase in _ANSWER_PHRASES:
+        idx = text_lower.find(phrase)
+        if idx != -1:
+            after = idx + len(phrase)
+            for ch in all_choices:
+                ch_pos = text.find(ch, after)
+                if ch_pos != -1:
+                    candidates.append((ch, ch_pos, "phrase"))
+    stripped = text.strip()
+    for ch in all_choices:
+        if stripped.startswith(ch) and (len(stripped) == 1 or not stripped[1].isalpha()):
+            candidates.append((ch, 0, "start"))
+    for ch in all_choices:
+        if stripped.endswith(ch) and (len(stripped) == 1 or not stripped[-2].isalpha()):
+            candidates.append((ch, len(text) - 1, "end"))
+    if not candidates:
+        for ch in all_choices:
+            if ch in text:
+                candidates.append((ch, text.rfind(ch), "fallback"))
+    if not candidates:
+        return ""
+    candidates.sort(key=lambda x: (_FORMAT_PRIORITY.get(x[2], 0), x[1]), reverse=True)
+    return candidates[0][0]
+
+
+# lmms_eval/tasks/mmbench/mmbench_evals.py (MMBench_Evaluator) and en_utils.py, mmbench_en_dev_static
+def create_options_prompt(row_data, option_candidate, sys_prompt="There are several options:"):
+    available_keys = set(row_data.keys()) & set(option_candidate)
+    options = {cand: row_data[cand] for cand in available_keys if row_data[cand]}
+    sorted_options = dict(sorted(options.items()))
+    options_prompt = f"{sys_prompt}\n"
+    for key, item in sorted_options.items():
+        if _notna(item) and item != "nan":
+            options_prompt += f"{key}. {item}\n"
+    return options_prompt.rstrip("\n"), sorted_options
+
+
+def mmbench_doc_to_text(doc, post_prompt="\nAnswer with the option's letter from the given choices directly."):
+    options_prompt, _ = create_options_prompt(doc, ["A", "B", "C", "D", "E"])
+    hint, question = doc["hint"], doc["question"]
+    query_prompt = f"{hint} {question} {options_prompt}" if _notna(hint) and hint != "nan" else f"{question} {options_prompt}"
+    return f"{query_prompt}\n{post_prompt}"
+
+
+def build_choices(item):
+    ret = {}
+    for ch in "ABCD":
+        if _notna(item[ch]):
+            ret[ch] = item[ch]
+    return ret
+
+
+def can_infer_option(answer, num_choice=5):
+    choices = string.ascii_uppercase[:num_choice]
+    if "Failed to obtain answer via API" in answer:
+        return False
+
+    def count(splits, choices="ABCD", prefix="", suffix=""):
+        cnt = 0
+        for c in choices:
+            if prefix + c + suffix in splits:
+                cnt += 1
+        return cnt
+
+    splits = [x.strip() for x in answer.split()]
+    if count(splits, choices) == 1:
+        for ch in choices:
+            if "A" in splits and len(splits) > 3:
+                break
+            if ch in splits:
+                return ch
+    tups = [("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""), (":", ","),
+            (":", "."), (":", ")"), (":", ").")]  # fmt: skip
+    for tup in tups:
+        if count(splits, choices, prefix=tup[0], suffix=tup[1]) == 1:
+            for ch in choices:
+                if tup[0] + ch + tup[1] in splits:
+                    return ch
+    return False
+
+
+def can_infer_text(answer, choices):
+    answer = answer.lower()
+    for k in choices:
+        choices[k] = str(choices[k]).lower()
+    cands = []
+    for k in choices:
+        if choices[k] in answer:
+            cands.append(k)
+    if len(cands) == 1:
+        return cands[0]
+    return False
+
+
+def can_infer(answer, choices):
+    copt = can_infer_option(answer)
+    return copt if copt else can_infer_text(answer, choices)
+
+
+def eval_sub_data_static(sub_data, answer_map):
+    """``eval_sub_data(..., static_only=True)`` on a list of records (the DataFrame rows)."""
+    GT, PRED = [], []
+    for item in sub_data:
+        GT.append(answer_map[item["index"]])
+        PRED.append(can_infer(item["prediction"], build_choices(item)))
+        if PRED[-1] and (GT[-1] != PRED[-1]):
+            return 0
+    for i in range(len(sub_data)):
+        if PRED[i]:
+            continue
+        choices = build_choices(sub_data[i])
+        PRED[i] = extract_mcq_answer(sub_data[i]["prediction"], choices=sorted(choices.keys()))
+        if not PRED[i] or PRED[i] != GT[i]:
+            return 0
+    return 1
+
+
+def mmbench_static_overall(records):
+    """``eval_result(results, "static")``'s overall hit rate (records: process_results' dicts, the
+    prediction already stripped): questions with a main record (index < 1e6), all rotations right."""
+    data = sorted(records, key=lambda r: r["index"])
+    answer_map = {r["index"]: r["answer"] for r in data}
+    hits = []
+    for item in [r for r in data if r["index"] < int(1e6)]:
+        sub = [r for r in data if r["index"] % int(1e6) == item["index"]]
+        hits.append(eval_sub_data_static(sub, answer_map))
+    return sum(hits) / len(hits)
+
+
+# lmms_eval/tasks/videomme/utils.py (default kwargs of videomme.yaml)
+def videomme_doc_to_text(doc, post_prompt="\nAnswer with the option's letter from the given choices directly."):
+    option_prompt = ("Select the best answer to the following multiple-choice question based on the video and the "
+                     "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
+    question = doc["question"]
+    option = "\n".join([f"{opt}" for i, opt in enumerate(doc["options"])])
+    question = question + "\n" + option
+    return option_prompt + "\n" + question + "\n" + post_prompt
+
+
+def videomme_overall(docs, preds):
+    """videomme_process_results + videomme_aggregate_results' overall figure."""
+    correct = sum(extract_mcq_answer(p, choices=["A", "B", "C", "D"]) == d["answer"] for d, p in zip(docs, preds))
+    return 100 * correct / len(docs) if docs else 0
+
+
+# lmms_eval/tasks/mlvu/utils.py (mlvu_dev.yaml default kwargs)
+def mlvu_doc_to_text(doc, pre_prompt="", post_prompt="\nOnly give the best option.\nBest option: ("):
+    return pre_prompt + doc["question"] + post_prompt
+
+
+def mlvu_aggregate_dev(docs, preds):
+    task_types = {"anomaly_reco", "count", "ego", "needle", "order", "plotQA", "topic_reasoning"}
+    category2score = {t: {"correct": 0, "answered": 0} for t in task_types}
+    for d, p in zip(docs, preds):
+        category2score[d["task_type"]]["answered"] += 1
+        category2score[d["task_type"]]["correct"] += extract_mcq_answer(p, choices=["A", "B", "C", "D"]) == d["answer"]
+    scores = {}
+    for task_cate in task_types:
+        total_correct = total_answered = 0
+        for k, v in category2score.items():
+            if task_cate in k:
+                total_correct += v["correct"]
+                total_answered += v["answered"]
+        scores[task_cate] = 100 * total_correct / total_answered if total_answered > 0 else 0
+    return sum(scores.values()) / len(task_types)
+
+
+# lmms_eval/tasks/mvbench/utils.py (sub-task yamls: post_prompt "Only give the best option.\n")
+def mvbench_doc_to_text(doc, post_prompt="Only give the best option.\n"):
+    option_prompt = ""
+    for char_index, option in enumerate(doc["candidates"]):
+        option_prompt += f"({string.ascii_uppercase[char_index]}) {option}\n"
+    return "Question:" + doc["question"] + "\nOption:\n" + option_prompt + post_prompt
+
+
+# lmms_eval/tasks/pope/utils.py, mme/utils.py, textvqa/utils.py (default kwargs)
+SHORT = "\nAnswer the question using a single word or phrase."
+
+
+def pope_doc_to_text(doc):
+    return f"{doc['question'].strip()}{SHORT}"
+
+
+def pope_process_results(doc, results):
+    return 1.0 if results[0].lower().strip() == doc["answer"].lower().strip() else 0.0
+
+
+def mme_doc_to_text(doc):
+    question = doc["question"].strip()
+    question = question.replace(" Please answer yes or no.", "")
+    return f"{question}{SHORT}"
+
+
+def parse_pred_ans(pred_ans):
+    pred_ans = pred_ans.lower().strip().replace(".", "")
+    if pred_ans in ["yes", "no"]:
+        pred_label = pred_ans
+    elif len(pred_ans) == 1:
+        pred_label = {"y": "yes", "n": "no"}.get(pred_ans, "other")
+    else:
+        prefix_pred_ans = pred_ans[:4]
+        pred_label = "yes" if "yes" in prefix_pred_ans else "no" if "no" in prefix_pred_ans else "other"
+    return pred_label
+
+
+def textvqa_doc_to_text(doc):
+    return f"{doc['question'].capitalize()}{SHORT}"

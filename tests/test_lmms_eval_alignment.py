@@ -1,0 +1,200 @@
+"""Issue 25, part 1: every task's prompt, per-sample score and aggregate equal lmms-eval 0.7.3's on crafted
+rows and predictions (case, punctuation, whitespace, "(A)", "Answer: B", rambling answers, empty strings,
+numbers). The reference code is ``lmms_eval_ref.py`` (extracted from the 0.7.3 wheel); with the package
+installed, the extracts are checked against it too."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import lmms_eval_ref as R
+import pytest
+
+from mmprune.eval import tasks as T
+
+PREDICTIONS = [
+    "B", "b", "(B)", "B.", "B. dog", "B) dog", "Answer: B", "answer: b", "The answer is B", "The correct answer is (C).",
+    "left .", "left", " Left. ", "Left", "", "   ", "A dog is on the sofa", "A", "a", "I think it's B because the dog",
+    "C) Horse", "c) horse", "c", "1", "2.5", "yes", "Yes.", "none of these", "E", "B, C", "(A) or (B)",
+    "Best option: (D", "D) the end", "the answer is a cat", "答案是C", "A cat. B dog. Final: D", "dog", "red, white",
+]  # fmt: skip
+MODULES = Path(__file__).parent
+
+
+def _task(name):
+    return T.get_task(name)
+
+
+def _samples(task, rows, tmp_path):
+    ctx = task._context(tmp_path)
+    return [task._sample(r, tmp_path / "x.parquet", ctx) for r in rows]
+
+
+# ----------------------------------------------------------------------------- GQA
+def test_gqa(tmp_path):
+    task = _task("gqa")
+    rows = [{"question": "Which side is the cup on?", "answer": a, "imageId": "1", "image": {"bytes": b"x"}}
+            for a in ("left", "yes", "table", "2.5")]
+    for row in rows:
+        assert task.build_prompt(row) == R.gqa_doc_to_text(row)
+    for s, row in zip(_samples(task, rows, tmp_path), rows):
+        for p in PREDICTIONS:
+            want = R.exact_match_hf_evaluate([p.strip()], [row["answer"]], ignore_case=True, ignore_punctuation=True)
+            assert task.score(s, p)["score"] == want["exact_match"], p
+
+
+# ----------------------------------------------------------------------------- ScienceQA-IMG
+def test_scienceqa_img(tmp_path):
+    task = _task("scienceqa_img")
+    rows = [{"question": "Which is a metal?", "choices": ["wood", "iron", "glass"], "answer": 1, "hint": h,
+             "image": {"bytes": b"x"}} for h in ("", "Look at the table.")]
+    # (a None hint would print "None" there; the dataset's hint column holds "" instead)
+    rows.append({"question": "Pick one.", "choices": ["x", "y"], "answer": 0, "hint": "", "image": {"bytes": b"x"}})
+    for row in rows:
+        assert task.build_prompt(row) == R.sqa_doc_to_text(row)
+    for s, row in zip(_samples(task, rows, tmp_path), rows):
+        for p in PREDICTIONS:
+            assert task.score(s, p)["score"] == R.sqa_process_results(row, [p])["exact_match"], p
+
+
+# ----------------------------------------------------------------------------- SEED-Bench
+def test_seedbench(tmp_path):
+    task = _task("seedbench")
+    rows = [{"question_id": str(i), "question": "What animal?", "choice_a": "cat", "choice_b": "dog", "choice_c": "horse",
+             "choice_d": "cow", "answer": a, "data_type": "image", "image": [{"bytes": b"x"}]}
+            for i, a in enumerate("BCA")]
+    for row in rows:
+        assert task.build_prompt(row) == R.seed_doc_to_text(row)
+    samples = _samples(task, rows, tmp_path)
+    for s, row in zip(samples, rows):
+        for p in PREDICTIONS:
+            assert task.score(s, p)["score"] == R.seed_aggregation_result([R.seed_process_result(row, [p])]), p
+    preds = PREDICTIONS[: len(rows) * 10 : 10]
+    ours = task.aggregate([task.score(s, p) for s, p in zip(samples, preds)])[0]
+    assert ours == pytest.approx(100 * R.seed_aggregation_result([R.seed_process_result(r, [p]) for r, p in zip(rows, preds)]))
+
+
+# ----------------------------------------------------------------------------- MMBench (dev, static matcher)
+def _mmbench_rows():
+    base = [("What is it?", "cat", "dog", "horse", "cow", "B", 0, None), ("Colour?", "red", "blue", "nan", None, "A", 1, "Look."),
+            ("Count?", "1", "2", "3", "4", "D", 2, "nan"), ("Where?", "left", "right", "up", "down", "C", 3, "")]
+    rows = []
+    for q, a, b, c, d, ans, idx, hint in base:
+        rows.append({"index": idx, "question": q, "hint": hint, "A": a, "B": b, "C": c, "D": d, "answer": ans,
+                     "category": "cat" + str(idx % 2), "L2-category": "l2", "image": {"bytes": b"x"}})
+    # circular rotations of question 0 (index 1e6 + 0): options rotated, the answer follows
+    rows.append({**rows[0], "index": 1_000_000, "A": "dog", "B": "horse", "C": "cow", "D": "cat", "answer": "A"})
+    rows.append({**rows[0], "index": 2_000_000, "A": "horse", "B": "cow", "C": "cat", "D": "dog", "answer": "D"})
+    return rows
+
+
+def test_mmbench_prompt_score_and_circular_aggregate(tmp_path):
+    task = _task("mmbench")
+    rows = _mmbench_rows()
+    for row in rows:
+        assert task.build_prompt(row) == R.mmbench_doc_to_text(row)
+    samples = _samples(task, rows, tmp_path)
+    for s, row in zip(samples, rows):
+        for p in PREDICTIONS:
+            rec = {**row, "prediction": p.strip()}
+            want = R.eval_sub_data_static([rec], {row["index"]: row["answer"]})
+            assert task.score(s, p)["score"] == want, (row["index"], p)
+    for shift in range(5):
+        preds = [PREDICTIONS[(i * 7 + shift) % len(PREDICTIONS)] for i in range(len(rows))]
+        preds[0], preds[4], preds[5] = ["B", "A", "D"] if shift % 2 else ["dog", "A", "(D)"]
+        ours = task.aggregate([task.score(s, p) for s, p in zip(samples, preds)])[0]
+        want = R.mmbench_static_overall([{**r, "prediction": p.strip()} for r, p in zip(rows, preds)])
+        assert ours == pytest.approx(100 * want), shift
+    # rotations whose main record is missing are not counted
+    ours = task.aggregate([task.score(s, "B") for s in samples[4:]])
+    assert ours[2]["questions"] == 0
+
+
+# ----------------------------------------------------------------------------- Video-MME
+def test_videomme(tmp_path):
+    task = _task("videomme")
+    rows = [{"videoID": f"v{i}", "question_id": f"q{i}", "question": "What happens?", "answer": a, "duration": "short",
+             "domain": "d", "sub_category": "s", "task_type": "t",
+             "options": ["A. run", "B. jump", "C. sit", "D. swim"]} for i, a in enumerate("ABCD")]
+    for row in rows:
+        assert task.build_prompt(row) == R.videomme_doc_to_text(row)
+    samples = _samples(task, rows, tmp_path)
+    for k in range(len(PREDICTIONS)):
+        preds = [PREDICTIONS[(k + i) % len(PREDICTIONS)] for i in range(len(rows))]
+        ours = task.aggregate([task.score(s, p) for s, p in zip(samples, preds)])[0]
+        assert ours == pytest.approx(R.videomme_overall(rows, preds)), preds
+
+
+# ----------------------------------------------------------------------------- MLVU
+def test_mlvu(tmp_path):
+    task = _task("mlvu")
+    q = "What happens?\n(A) run\n(B) jump\n(C) sit\n(D) swim"
+    rows = [{"video_name": f"v{i}.mp4", "question": q, "answer": a, "task_type": t}
+            for i, (a, t) in enumerate(zip("ABCDB", ["plotQA", "plotQA", "count", "ego", "needle"]))]
+    for row in rows:
+        assert task.build_prompt(row) == R.mlvu_doc_to_text(row)
+    samples = _samples(task, rows, tmp_path)
+    for k in range(len(PREDICTIONS)):
+        preds = [PREDICTIONS[(k + 3 * i) % len(PREDICTIONS)] for i in range(len(rows))]
+        ours = task.aggregate([task.score(s, p) for s, p in zip(samples, preds)])[0]
+        assert ours == pytest.approx(R.mlvu_aggregate_dev(rows, preds)), preds
+
+
+# ----------------------------------------------------------------------------- MVBench
+def test_mvbench_prompt():
+    task = _task("mvbench")
+    row = {"video": "a.mp4", "question": "How many times?", "candidates": ["3", "4", "5"], "answer": "4"}
+    assert task.build_prompt(row) == R.mvbench_doc_to_text(row)
+
+
+def test_task_versions_are_named():
+    assert T.LMMS_EVAL_VERSION == "0.7.3"
+    import argparse
+
+    from mmprune.eval.command import add_common
+
+    p = argparse.ArgumentParser()
+    add_common(p)
+    assert "0.7.3" in p.format_help()
+
+
+# ----------------------------------------------------------------------------- the extracts vs the package
+def _load(rel: str):
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("lmms-eval is not installed (pip install lmms-eval==0.7.3 to check the extracts against it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    mod_spec = importlib.util.spec_from_file_location("_lmms_" + path.stem, path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+def test_extracts_equal_the_installed_package():
+    """The dependency-free files of the installed lmms-eval, loaded by path (its package __init__ imports far
+    more than these need)."""
+    mcq = _load("tasks/_task_utils/mcq_extract.py")
+    for p in PREDICTIONS:
+        for choices in (None, ["A", "B", "C", "D"], ["A", "B"]):
+            assert mcq.extract_mcq_answer(p, choices) == R.extract_mcq_answer(p, choices), (p, choices)
+
+
+# ----------------------------------------------------------------------------- POPE, MME, TextVQA
+def test_pope_mme_textvqa(tmp_path):
+    pope, mme, textvqa = _task("pope"), _task("mme"), _task("textvqa")
+    rows = [{"question_id": "1", "question": "  Is there a dog in the image? ", "answer": a, "category": "adversarial",
+             "image": {"bytes": b"x"}} for a in ("yes", "no")]
+    for s, row in zip(_samples(pope, rows, tmp_path), rows):
+        assert pope.build_prompt(row) == R.pope_doc_to_text(row)
+        for p in PREDICTIONS + ["Yes", " no ", "No."]:
+            assert pope.score(s, p)["score"] == R.pope_process_results(row, [p]), p
+    rows = [{"question_id": "a.jpg", "question": "Is this red? Please answer yes or no.", "answer": a, "category": "color",
+             "image": {"bytes": b"x"}} for a in ("Yes", "No")]
+    for s, row in zip(_samples(mme, rows, tmp_path), rows):
+        assert mme.build_prompt(row) == R.mme_doc_to_text(row)
+        for p in PREDICTIONS + ["Nope", "y", "N", "yes, it is"]:
+            want = float(R.parse_pred_ans(p) == row["answer"].lower().strip().replace(".", ""))
+            assert mme.score(s, p)["score"] == want, p
+    for q in ("what is written ON the sign?", "WHO made it"):
+        assert textvqa.build_prompt({"question": q}) == R.textvqa_doc_to_text({"question": q})
