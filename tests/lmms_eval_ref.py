@@ -359,3 +359,127 @@ def parse_pred_ans(pred_ans):
 
 def textvqa_doc_to_text(doc):
     return f"{doc['question'].capitalize()}{SHORT}"
+
+
+# lmms_eval/tasks/chartqa/utils.py (chartqa.yaml default kwargs)
+def chartqa_doc_to_text(doc):
+    return f"{doc['question']}\nAnswer the question with a single word."
+
+
+def relaxed_correctness(prediction, target, max_relative_change: float = 0.05) -> bool:
+    def _to_float(text: str):
+        try:
+            if text.endswith("%"):
+                return float(text.rstrip("%")) / 100.0
+            else:
+                return float(text)
+        except ValueError:
+            return None
+
+    prediction_float = _to_float(prediction)
+    target_float = _to_float(target)
+    if prediction_float is not None and target_float:
+        relative_change = abs(prediction_float - target_float) / abs(target_float)
+        return relative_change <= max_relative_change
+    else:
+        return prediction.lower() == target.lower()
+
+
+def chartqa_process_results(doc, results):
+    score = 1.0 if relaxed_correctness(results[0], doc["answer"]) else 0.0
+    out = {"relaxed_overall": score}
+    out["relaxed_human_split" if doc["type"] == "human_test" else "relaxed_augmented_split"] = score
+    return out
+
+
+# lmms_eval/api/metrics.py levenshtein_distance, anls; docvqa/utils.py docvqa_doc_to_text (default kwargs)
+def docvqa_doc_to_text(doc):
+    return f"{doc['question']}{SHORT}"
+
+
+def levenshtein_distance(s1, s2):
+    if len(s1) > len(s2):
+        s1, s2 = s2, s1
+    distances = range(len(s1) + 1)
+    for i2, c2 in enumerate(s2):
+        distances_ = [i2 + 1]
+        for i1, c1 in enumerate(s1):
+            if c1 == c2:
+                distances_.append(distances[i1])
+            else:
+                distances_.append(1 + min((distances[i1], distances[i1 + 1], distances_[-1])))
+        distances = distances_
+    return distances[-1]
+
+
+def anls(references, predictions, thresh_hold=0.5):
+    values = []
+    pred = predictions[0] if isinstance(predictions[0], str) else predictions[0][0]
+    for answer in references:
+        gt_answer = " ".join(answer.strip().lower().split())
+        det_answer = " ".join(pred.strip().lower().split())
+        dist = levenshtein_distance(gt_answer, det_answer)
+        length = max(len(answer.upper()), len(pred.upper()))
+        values.append(0.0 if length == 0 else float(dist) / float(length))
+    question_result = 1 - min(values)
+    if question_result < thresh_hold:
+        question_result = 0
+    return {"anls": question_result}
+
+
+# lmms_eval/tasks/ai2d/utils.py (ai2d.yaml: prompt_format mcq, flexible-extract filter, exact_match)
+def ai2d_doc_to_text(doc):
+    question, choices = doc["question"], doc["options"]
+    options = [chr(ord("A") + i) for i in range(len(choices))]
+    choices_str = "\n".join([f"{option}. {choice}" for option, choice in zip(options, choices)])
+    return f"{question}\n{choices_str}\nAnswer with the option's letter from the given choices directly."
+
+
+def ai2d_doc_to_target(doc):
+    options = [chr(ord("A") + i) for i in range(len(doc["options"]))]
+    return options[int(doc["answer"])]
+
+
+def ai2d_filter(resp):
+    match = re.compile(r"^\s*([A-Z])\.").match(resp)
+    return match.group(1) if match else resp
+
+
+# lmms_eval/tasks/realworldqa/utils.py (default kwargs: empty pre / post prompt)
+def realworldqa_doc_to_text(doc):
+    return doc["question"].strip()
+
+
+def realworldqa_process_results(doc, results):
+    pred = results[0]
+    gt_ans = doc["answer"].strip()
+    if gt_ans.upper() in ("A", "B", "C", "D"):
+        pred_ans = extract_mcq_answer(pred, choices=["A", "B", "C", "D"])
+        score = 1.0 if pred_ans == gt_ans.upper() else 0.0
+    else:
+        pred_clean = pred.lower().strip().rstrip(".")
+        score = 1.0 if pred_clean == gt_ans.lower() else 0.0
+    return {"exact_match": score}
+
+
+# lmms_eval/tasks/mmstar/utils.py (default kwargs)
+def mmstar_doc_to_text(doc, post_prompt="\nAnswer with the option's letter from the given choices directly"):
+    question = doc["question"].strip()
+    question = question.replace(" Please answer yes or no.", "")
+    return f"{question}{post_prompt}"
+
+
+def mmstar_process_results(doc, results):
+    gt_letter = doc["answer"].strip().upper()
+    score = 1.0 if extract_mcq_answer(results[0], choices=["A", "B", "C", "D"]) == gt_letter else 0.0
+    return {"question_id": doc["index"], "l2_category": doc["l2_category"], "score": score}
+
+
+def mmstar_aggregate_results(results):
+    from collections import defaultdict
+
+    l2_category_scores = defaultdict(list)
+    for result in results:
+        l2_category_scores[result["l2_category"]].append(result["score"])
+    l2_category_avg_score = {k: sum(v) / len(v) for k, v in l2_category_scores.items()}
+    return sum(l2_category_avg_score.values()) / len(l2_category_avg_score)

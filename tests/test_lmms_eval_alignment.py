@@ -198,3 +198,73 @@ def test_pope_mme_textvqa(tmp_path):
             assert mme.score(s, p)["score"] == want, p
     for q in ("what is written ON the sign?", "WHO made it"):
         assert textvqa.build_prompt({"question": q}) == R.textvqa_doc_to_text({"question": q})
+
+
+# ----------------------------------------------------------------------------- issue 25, part 2: added tasks
+NUMERIC = ["12", "12.4", "12.7", "11.5", "50%", "0.5", "0", "-3", "1e3", "1000", "twelve", "Twelve", " 12 ", "12%", "nan", "inf"]
+
+
+def test_chartqa(tmp_path):
+    task = _task("chartqa")
+    rows = [{"question": "What is the peak?", "answer": a, "type": t, "image": {"bytes": b"x"}}
+            for a, t in [("12", "human_test"), ("0.5", "augmented_test"), ("twelve", "human_test"), ("0", "augmented_test"),
+                         ("1000", "augmented_test")]]
+    samples = _samples(task, rows, tmp_path)
+    for s, row in zip(samples, rows):
+        assert task.build_prompt(row) == R.chartqa_doc_to_text(row)
+        for p in NUMERIC + PREDICTIONS:
+            assert task.score(s, p)["score"] == R.chartqa_process_results(row, [p])["relaxed_overall"], (row["answer"], p)
+    preds = ["12.4", "50%", "Twelve", "0", "999"]
+    ours = task.aggregate([task.score(s, p) for s, p in zip(samples, preds)])
+    refs = [R.chartqa_process_results(r, [p]) for r, p in zip(rows, preds)]
+    assert ours[0] == pytest.approx(100 * sum(r["relaxed_overall"] for r in refs) / len(refs))
+    human = [r["relaxed_human_split"] for r in refs if "relaxed_human_split" in r]
+    assert ours[2]["relaxed_human_split"] == pytest.approx(100 * sum(human) / len(human))
+
+
+def test_docvqa_val(tmp_path):
+    task = _task("docvqa_val")
+    rows = [{"questionId": str(i), "question": "What is the date?", "answers": a, "image": {"bytes": b"x"}}
+            for i, a in enumerate([["March 3, 1990", "3/3/1990"], ["Lincoln"], [""], ["ITC"]])]
+    for s, row in zip(_samples(task, rows, tmp_path), rows):
+        assert task.build_prompt(row) == R.docvqa_doc_to_text(row)
+        for p in PREDICTIONS + ["march 3 , 1990", "March  3, 1990", "Lincon", "itc.", "3/3/90"]:
+            assert task.score(s, p)["score"] == pytest.approx(R.anls(row["answers"], [p])["anls"]), (row["answers"], p)
+
+
+def test_ai2d(tmp_path):
+    task = _task("ai2d")
+    rows = [{"question": "Which stage comes next?", "options": ["egg", "larva", "pupa", "adult"], "answer": str(i),
+             "image": {"bytes": b"x"}} for i in range(4)]
+    for s, row in zip(_samples(task, rows, tmp_path), rows):
+        assert task.build_prompt(row) == R.ai2d_doc_to_text(row)
+        for p in PREDICTIONS + ["  C. pupa", "c.", "D", "d"]:
+            want = R.exact_match_hf_evaluate([R.ai2d_filter(p)], [R.ai2d_doc_to_target(row)], ignore_case=True,
+                                             ignore_punctuation=True)["exact_match"]
+            assert task.score(s, p)["score"] == want, (row["answer"], p)
+
+
+def test_realworldqa(tmp_path):
+    task = _task("realworldqa")
+    q = "  How many cars are there?\nA. 1\nB. 2\nC. 3\nPlease answer directly with only the letter of the correct option and nothing else."
+    rows = [{"question": q, "answer": a, "image": {"bytes": b"x"}} for a in ("B", "c", "3", "Yes", "left")]
+    for s, row in zip(_samples(task, rows, tmp_path), rows):
+        assert task.build_prompt(row) == R.realworldqa_doc_to_text(row)
+        for p in PREDICTIONS + ["3.", "Yes.", "LEFT", "3 cars"]:
+            assert task.score(s, p)["score"] == R.realworldqa_process_results(row, [p])["exact_match"], (row["answer"], p)
+
+
+def test_mmstar(tmp_path):
+    task = _task("mmstar")
+    rows = [{"index": i, "question": "Which is larger?\nOptions: A: 1, B: 2, C: 3, D: 4", "answer": a, "category": c,
+             "l2_category": l2, "image": {"bytes": b"x"}}
+            for i, (a, c, l2) in enumerate([("A", "math", "geometry"), ("B", "math", "geometry"),
+                                            ("C", "math", "statistical reasoning"), ("D", "coarse perception", "image emotion")])]
+    samples = _samples(task, rows, tmp_path)
+    for row in rows:
+        assert task.build_prompt(row) == R.mmstar_doc_to_text(row)
+    for k in range(len(PREDICTIONS)):
+        preds = [PREDICTIONS[(k + 5 * i) % len(PREDICTIONS)] for i in range(len(rows))]
+        ours = task.aggregate([task.score(s, p) for s, p in zip(samples, preds)])[0]
+        want = R.mmstar_aggregate_results([R.mmstar_process_results(r, [p]) for r, p in zip(rows, preds)])
+        assert ours == pytest.approx(100 * want), preds

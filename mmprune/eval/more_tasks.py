@@ -1,0 +1,237 @@
+"""Image benchmarks added for issue 25 under lmms-eval's task names: ``chartqa``, ``docvqa_val``, ``ai2d``,
+``realworldqa``, ``mmstar``. Prompts, per-sample scores and aggregates are lmms-eval 0.7.3's (each method
+names the file it follows); ``tests/test_lmms_eval_alignment.py`` checks them against code extracted from
+that release. Data: the datasets' Hugging Face layout on local disk (parquet shards or ``save_to_disk``).
+
+Example:
+    >>> from mmprune.eval.tasks import get_task
+    >>> t = get_task("chartqa")
+    >>> t.build_prompt({"question": "What is the max?"})
+    'What is the max?\\nAnswer the question with a single word.'
+    >>> t.score_text("12.4", "12"), t.score_text("Twelve", "twelve")
+    (1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import defaultdict
+from pathlib import Path
+
+from . import metrics as M
+from .tasks import POST_LETTER, POST_SHORT, Sample, Task, _by, _details, _image_ref, _pct, register_task
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def _image(row: dict, f: Path) -> list:
+    ref = _image_ref(row.get("image"), f.parent)
+    return [ref] if ref is not None else []
+
+
+# ----------------------------------------------------------------------------------------------- ChartQA
+def relaxed_correctness(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
+    """ChartQA's relaxed accuracy (lmms_eval/tasks/chartqa/utils.py, from Qwen-VL's evaluate_vqa.py):
+    numbers (a trailing % divides by 100) within 5% of a non-zero target, else case-insensitive equality.
+
+    Example:
+        >>> relaxed_correctness("10.4", "10"), relaxed_correctness("50%", "0.5"), relaxed_correctness("0", "0")
+        (True, True, True)
+    """
+
+    def to_float(text: str):
+        try:
+            return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+        except ValueError:
+            return None
+
+    p, t = to_float(prediction), to_float(target)
+    if p is not None and t:
+        return abs(p - t) / abs(t) <= max_relative_change
+    return prediction.lower() == target.lower()
+
+
+class ChartQaTask(Task):
+    """ChartQA test (lmms-lab/ChartQA): relaxed accuracy; human and augmented splits in extra."""
+
+    name = "chartqa"
+    metric = "relaxed_overall"
+    split = "test"
+    layout = "parquet or save_to_disk (lmms-lab/ChartQA, test): type (human_test / augmented_test), question, answer, image"
+    columns = ("question", "answer", "image")
+
+    def _sample(self, row: dict, f: Path, ctx: dict) -> Sample:
+        return Sample(id="", prompt=self.build_prompt(row), question=str(row["question"]), answer=str(row["answer"]),
+                      image_refs=_image(row, f), meta={"type": row.get("type")})
+
+    @staticmethod
+    def build_prompt(row: dict) -> str:
+        return f"{row['question']}\nAnswer the question with a single word."  # chartqa_doc_to_text, default
+
+    @staticmethod
+    def score_text(prediction: str, answer: str) -> float:
+        return 1.0 if relaxed_correctness(str(prediction), str(answer)) else 0.0
+
+    def score(self, sample: Sample, prediction: str) -> dict:
+        return {"score": self.score_text(prediction, sample.answer), "type": sample.meta.get("type")}
+
+    def aggregate(self, per_sample):
+        ds = _details(per_sample)
+        human = [d["score"] for d in ds if d.get("type") == "human_test"]
+        augmented = [d["score"] for d in ds if d.get("type") != "human_test"]
+        extra = {"n": len(ds), "relaxed_human_split": _pct(human) if human else None,
+                 "relaxed_augmented_split": _pct(augmented) if augmented else None}
+        return _pct([d["score"] for d in ds]), self.metric, extra
+
+
+# ------------------------------------------------------------------------------------------------ DocVQA
+def levenshtein(s1: str, s2: str) -> int:
+    """Edit distance (lmms_eval/api/metrics.py ``levenshtein_distance``)."""
+    if len(s1) > len(s2):
+        s1, s2 = s2, s1
+    distances = list(range(len(s1) + 1))
+    for i2, c2 in enumerate(s2):
+        row = [i2 + 1]
+        for i1, c1 in enumerate(s1):
+            row.append(distances[i1] if c1 == c2 else 1 + min(distances[i1], distances[i1 + 1], row[-1]))
+        distances = row
+    return distances[-1]
+
+
+def anls(references: list[str], prediction: str, threshold: float = 0.5) -> float:
+    """ANLS of one prediction (lmms_eval/api/metrics.py ``anls``): 1 - the smallest normalised edit distance to
+    a reference (whitespace-collapsed, lower-cased; normalised by the longer *raw* length), 0 below 0.5.
+
+    Example:
+        >>> anls(["Lincoln"], "lincoln"), anls(["1990"], "1991"), anls(["abc"], "xyz")
+        (1.0, 0.75, 0)
+    """
+    values = []
+    for answer in references:
+        gt = " ".join(answer.strip().lower().split())
+        det = " ".join(prediction.strip().lower().split())
+        length = max(len(answer.upper()), len(prediction.upper()))
+        values.append(0.0 if length == 0 else float(levenshtein(gt, det)) / float(length))
+    result = 1 - min(values)
+    return 0 if result < threshold else result
+
+
+class DocVqaValTask(Task):
+    """DocVQA validation (lmms-lab/DocVQA, config DocVQA): ANLS over the reference answers."""
+
+    name = "docvqa_val"
+    metric = "anls"
+    split = "validation"
+    config = "DocVQA"
+    layout = "parquet or save_to_disk (lmms-lab/DocVQA, DocVQA/validation): questionId, question, answers (list), image"
+    columns = ("question", "answers", "image")
+    id_columns = ("questionId",)
+    max_new_tokens = 32
+
+    def _sample(self, row: dict, f: Path, ctx: dict) -> Sample:
+        return Sample(id="", prompt=self.build_prompt(row), question=str(row["question"]),
+                      answer=[str(a) for a in row["answers"]], image_refs=_image(row, f))
+
+    @staticmethod
+    def build_prompt(row: dict) -> str:
+        return f"{row['question']}{POST_SHORT}"  # docvqa_doc_to_text, default
+
+    def score(self, sample: Sample, prediction: str) -> dict:
+        return {"score": float(anls(list(sample.answer), str(prediction)))}
+
+
+# -------------------------------------------------------------------------------------------------- AI2D
+class Ai2dTask(Task):
+    """AI2D test (lmms-lab/ai2d): lettered options; lmms-eval's "flexible-extract" filter, then exact match
+    ignoring case and punctuation."""
+
+    name = "ai2d"
+    metric = "exact_match"
+    split = "test"
+    layout = "parquet or save_to_disk (lmms-lab/ai2d, test): question, options (list), answer (index), image"
+    columns = ("question", "options", "answer", "image")
+
+    def _sample(self, row: dict, f: Path, ctx: dict) -> Sample:
+        choices = [str(c) for c in row["options"]]
+        return Sample(id="", prompt=self.build_prompt(row), question=str(row["question"]),
+                      answer=string.ascii_uppercase[int(row["answer"])], choices=choices, image_refs=_image(row, f))
+
+    @staticmethod
+    def build_prompt(row: dict) -> str:  # ai2d_doc_to_text, prompt_format "mcq"
+        opts = "\n".join(f"{string.ascii_uppercase[i]}. {c}" for i, c in enumerate(row["options"]))
+        return f"{row['question']}\n{opts}{POST_LETTER}"
+
+    def score(self, sample: Sample, prediction: str) -> dict:
+        m = re.match(r"^\s*([A-Z])\.", str(prediction))  # MultiChoiceRegexFilter.apply
+        pred = m.group(1) if m else str(prediction)
+        return {"score": float(pred.lower().translate(_PUNCT) == sample.answer.lower().translate(_PUNCT))}
+
+
+# ------------------------------------------------------------------------------------------- RealWorldQA
+class RealWorldQaTask(Task):
+    """RealWorldQA test (lmms-lab/RealWorldQA): letter answers by ``extract_mcq_answer``, other answers by
+    lower-cased text with a trailing period removed."""
+
+    name = "realworldqa"
+    metric = "exact_match"
+    split = "test"
+    layout = "parquet or save_to_disk (lmms-lab/RealWorldQA, test): question (its options and instruction inside), answer, image"
+    columns = ("question", "answer", "image")
+
+    def _sample(self, row: dict, f: Path, ctx: dict) -> Sample:
+        return Sample(id="", prompt=self.build_prompt(row), question=str(row["question"]),
+                      answer=str(row["answer"]), image_refs=_image(row, f))
+
+    @staticmethod
+    def build_prompt(row: dict) -> str:
+        return str(row["question"]).strip()  # realworldqa_doc_to_text: the default kwargs are empty
+
+    def score(self, sample: Sample, prediction: str) -> dict:
+        gt = sample.answer.strip()
+        if gt.upper() in ("A", "B", "C", "D"):  # realworldqa_process_results
+            return {"score": float(M.extract_mcq_answer(str(prediction), ["A", "B", "C", "D"]) == gt.upper())}
+        return {"score": float(str(prediction).lower().strip().rstrip(".") == gt.lower())}
+
+
+# ------------------------------------------------------------------------------------------------ MMStar
+class MmstarTask(Task):
+    """MMStar val (Lin-Chen/MMStar): ``extract_mcq_answer`` over A-D; the score is the mean over the
+    l2 categories present (``mmstar_aggregate_results`` on the "average" key); per category in extra."""
+
+    name = "mmstar"
+    metric = "average"
+    split = "val"
+    layout = "parquet or save_to_disk (Lin-Chen/MMStar, val): index, question (options inside), answer, category, l2_category, image"
+    columns = ("question", "answer", "category", "l2_category", "image")
+    id_columns = ("index",)
+    max_new_tokens = 128  # lmms-eval leaves it to the model wrapper
+
+    def _sample(self, row: dict, f: Path, ctx: dict) -> Sample:
+        return Sample(id="", prompt=self.build_prompt(row), question=str(row["question"]), answer=str(row["answer"]),
+                      image_refs=_image(row, f), meta={"category": row["category"], "l2_category": row["l2_category"]})
+
+    @staticmethod
+    def build_prompt(row: dict) -> str:  # mmstar_doc_to_text, default kwargs
+        q = str(row["question"]).strip().replace(" Please answer yes or no.", "")
+        return f"{q}\nAnswer with the option's letter from the given choices directly"
+
+    def score(self, sample: Sample, prediction: str) -> dict:
+        pred = M.extract_mcq_answer(str(prediction), ["A", "B", "C", "D"])
+        return {"score": float(pred == sample.answer.strip().upper()), **sample.meta}
+
+    def aggregate(self, per_sample):
+        ds = _details(per_sample)
+        per_l2 = _by(ds, "l2_category")
+        cats: dict[str, dict] = defaultdict(list)
+        for d in ds:
+            cats[str(d["category"])].append(d)
+        extra = {"n": len(ds), "per_l2_category": per_l2,
+                 "per_category": {c: sum(_by(v, "l2_category").values()) / len(_by(v, "l2_category")) for c, v in cats.items()}}
+        return (sum(per_l2.values()) / len(per_l2) if per_l2 else 0.0), self.metric, extra
+
+
+TASK_CLASSES = (ChartQaTask, DocVqaValTask, Ai2dTask, RealWorldQaTask, MmstarTask)
+for _cls in TASK_CLASSES:
+    register_task(_cls)
+del _cls
