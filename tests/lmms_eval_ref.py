@@ -483,3 +483,94 @@ def mmstar_aggregate_results(results):
         l2_category_scores[result["l2_category"]].append(result["score"])
     l2_category_avg_score = {k: sum(v) / len(v) for k, v in l2_category_scores.items()}
     return sum(l2_category_avg_score.values()) / len(l2_category_avg_score)
+
+
+# lmms_eval/tasks/_task_utils/vqa_eval_metric.py EvalAIAnswerProcessor (its CONTRACTIONS / NUMBER_MAP tables are
+# mmprune's copies, checked for TextVQA before; the processing steps are as there)
+class EvalAIAnswerProcessor:
+    from mmprune.eval.metrics import _CONTRACTIONS as CONTRACTIONS  # noqa: N811
+    from mmprune.eval.metrics import _NUMBER_MAP as NUMBER_MAP
+
+    ARTICLES = ["a", "an", "the"]
+    PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+    COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+    PUNCTUATIONS = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+
+    def word_tokenize(self, word):
+        word = word.lower()
+        word = word.replace(",", "").replace("?", "").replace("'s", " 's")
+        return word.strip()
+
+    def process_punctuation(self, in_text):
+        out_text = in_text
+        for p in self.PUNCTUATIONS:
+            if (p + " " in in_text or " " + p in in_text) or (re.search(self.COMMA_STRIP, in_text) is not None):
+                out_text = out_text.replace(p, "")
+            else:
+                out_text = out_text.replace(p, " ")
+        out_text = self.PERIOD_STRIP.sub("", out_text, re.UNICODE)
+        return out_text
+
+    def process_digit_article(self, in_text):
+        out_text = []
+        for word in in_text.lower().split():
+            word = dict(self.NUMBER_MAP).setdefault(word, word)
+            if word not in self.ARTICLES:
+                out_text.append(word)
+        for word_id, word in enumerate(out_text):
+            if word in self.CONTRACTIONS:
+                out_text[word_id] = self.CONTRACTIONS[word]
+        return " ".join(out_text)
+
+    def __call__(self, item):
+        item = self.word_tokenize(item)
+        item = item.replace("\n", " ").replace("\t", " ").strip()
+        item = self.process_punctuation(item)
+        item = self.process_digit_article(item)
+        return item
+
+
+# lmms_eval/tasks/vqav2/utils.py vqav2_process_results (answers: list of {"answer", "answer_id"} dicts)
+def vqav2_process_results(doc, result):
+    import statistics
+
+    proc = EvalAIAnswerProcessor()
+    answers = [dict(a) for a in doc["answers"]]
+    res_ans = result[0]
+    for ans in answers:
+        ans["answer"] = ans["answer"].replace("\n", " ").replace("\t", " ").strip()
+    res_ans = res_ans.replace("\n", " ").replace("\t", " ").strip()
+    gt_acc = []
+    for ans in answers:
+        ans["answer"] = proc.process_punctuation(ans["answer"])
+        ans["answer"] = proc.process_digit_article(ans["answer"])
+    res_ans = proc.process_punctuation(res_ans)
+    res_ans = proc.process_digit_article(res_ans)
+    for gt in answers:
+        other = [item for item in answers if item != gt]
+        matching = [item for item in other if item["answer"] == res_ans]
+        gt_acc.append(min(1, float(len(matching)) / 3))
+    return statistics.mean(gt_acc)
+
+
+def vqav2_doc_to_text(doc):
+    return f"{doc['question']}{SHORT}"
+
+
+# lmms_eval/tasks/vizwiz_vqa/utils.py (default kwargs)
+def vizwiz_vqa_doc_to_text(doc):
+    post = "\nWhen the provided information is insufficient, respond with 'Unanswerable'.\nAnswer the question using a single word or phrase."
+    return f"{doc['question'].capitalize()}{post}"
+
+
+def vizwiz_vqa_process_results(doc, result):
+    import statistics
+
+    proc = EvalAIAnswerProcessor()
+    res_ans = proc(result[0])
+    answers = [proc(a) for a in doc["answers"]]
+    gt_acc = []
+    for i in range(len(answers)):
+        other = [answers[j] for j in range(len(answers)) if i != j]
+        gt_acc.append(min(1, float(len([a for a in other if a == res_ans])) / 3))
+    return statistics.mean(gt_acc) if gt_acc else 0

@@ -268,3 +268,30 @@ def test_mmstar(tmp_path):
         ours = task.aggregate([task.score(s, p) for s, p in zip(samples, preds)])[0]
         want = R.mmstar_aggregate_results([R.mmstar_process_results(r, [p]) for r, p in zip(rows, preds)])
         assert ours == pytest.approx(100 * want), preds
+
+
+VQA_ANSWERS = [["2"] * 6 + ["two"] * 2 + ["3", "2 "], ["yes"] * 10, ["red and white", "red, white", "Red"] + ["white"] * 7,
+               ["the dog"] * 4 + ["dog"] * 3 + ["a dog's toy"] * 3, ["unanswerable"] * 5 + ["Unanswerable."] * 5]
+VQA_PREDICTIONS = PREDICTIONS + ["Two", "2.", "two dogs", "Dog", "the dog", "a dog's toy", "dog's toy", "red-white",
+                                 "red white", "Unanswerable", "unanswerable.", "yes?", "dont", "10,000", "10000"]
+
+
+def test_vqav2_val(tmp_path):
+    task = _task("vqav2_val")
+    rows = [{"question_id": i, "question": "What color is it?", "image": {"bytes": b"x"}, "answer_type": "other",
+             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(ans)]}
+            for i, ans in enumerate(VQA_ANSWERS)]
+    for s, row in zip(_samples(task, rows, tmp_path), rows):
+        assert task.build_prompt(row) == R.vqav2_doc_to_text(row)
+        for p in VQA_PREDICTIONS:
+            assert task.score(s, p)["score"] == pytest.approx(R.vqav2_process_results(row, [p]), abs=1e-12), p
+
+
+def test_vizwiz_vqa_val(tmp_path):
+    task = _task("vizwiz_vqa_val")
+    rows = [{"question_id": f"v{i}", "question": "what is this?", "answers": ans, "image": {"bytes": b"x"}}
+            for i, ans in enumerate(VQA_ANSWERS)]
+    for s, row in zip(_samples(task, rows, tmp_path), rows):
+        assert task.build_prompt(row) == R.vizwiz_vqa_doc_to_text(row)
+        for p in VQA_PREDICTIONS:
+            assert task.score(s, p)["score"] == pytest.approx(R.vizwiz_vqa_process_results(row, [p]), abs=1e-12), p

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 __all__ = [
     "normalize_vqa_answer",
     "vqa_accuracy",
+    "vqav2_accuracy",
     "pope_normalize",
     "pope_metrics",
     "MME_PERCEPTION",
@@ -154,6 +155,29 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     for i in range(len(gts)):
         matches = sum(1 for j, g in enumerate(gts) if j != i and g == pred)
         accs.append(min(1.0, matches / 3.0))
+    return round(sum(accs) / len(accs), 12)
+
+
+def vqav2_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQAv2 as lmms-eval scores it (``vqav2_process_results``): the same leave-one-out ``min(1, matches / 3)``
+    as :func:`vqa_accuracy`, but both sides only get newlines / tabs turned to spaces, a strip, the
+    punctuation step and the digit / article step (no up-front lower-casing, no "'s" split, commas and
+    question marks left to the punctuation step).
+
+    Example:
+        >>> vqav2_accuracy("Two", ["2"] * 10), vqav2_accuracy("yes?", ["yes"] * 10)
+        (1.0, 1.0)
+    """
+
+    def norm(text: str) -> str:
+        text = str(text).replace("\n", " ").replace("\t", " ").strip()
+        return _process_digit_article(_process_punctuation(text))
+
+    if not answers:
+        return 0.0
+    pred = norm(prediction)
+    gts = [norm(a) for a in answers]
+    accs = [min(1.0, sum(1 for j, g in enumerate(gts) if j != i and g == pred) / 3.0) for i in range(len(gts))]
     return round(sum(accs) / len(accs), 12)
 
 

@@ -1,5 +1,5 @@
 """Image benchmarks added for issue 25 under lmms-eval's task names: ``chartqa``, ``docvqa_val``, ``ai2d``,
-``realworldqa``, ``mmstar``. Prompts, per-sample scores and aggregates are lmms-eval 0.7.3's (each method
+``realworldqa``, ``mmstar``, ``vqav2_val``, ``vizwiz_vqa_val``. Prompts, per-sample scores and aggregates are lmms-eval 0.7.3's (each method
 names the file it follows); ``tests/test_lmms_eval_alignment.py`` checks them against code extracted from
 that release. Data: the datasets' Hugging Face layout on local disk (parquet shards or ``save_to_disk``).
 
@@ -231,7 +231,59 @@ class MmstarTask(Task):
         return (sum(per_l2.values()) / len(per_l2) if per_l2 else 0.0), self.metric, extra
 
 
-TASK_CLASSES = (ChartQaTask, DocVqaValTask, Ai2dTask, RealWorldQaTask, MmstarTask)
+# ---------------------------------------------------------------------------------------- VQAv2, VizWiz
+class Vqav2ValTask(Task):
+    """VQAv2 validation (lmms-lab/VQAv2): VQA accuracy over the ten answers, lmms-eval's VQAv2 normaliser."""
+
+    name = "vqav2_val"
+    metric = "vqa_accuracy"
+    split = "validation"
+    layout = "parquet or save_to_disk (lmms-lab/VQAv2, validation): question_id, question, answers (list of {answer, ...}), image"
+    columns = ("question_id", "question", "answers", "image")
+    id_columns = ("question_id",)
+
+    def _sample(self, row: dict, f: Path, ctx: dict) -> Sample:
+        answers = [a["answer"] if isinstance(a, dict) else str(a) for a in row["answers"] or []]
+        return Sample(id="", prompt=self.build_prompt(row), question=str(row["question"]), answer=answers,
+                      image_refs=_image(row, f), meta={"answer_type": row.get("answer_type")})
+
+    @staticmethod
+    def build_prompt(row: dict) -> str:
+        return f"{row['question']}{POST_SHORT}"  # vqav2_doc_to_text, vqav2_val.yaml default kwargs
+
+    def score(self, sample: Sample, prediction: str) -> dict:
+        return {"score": M.vqav2_accuracy(prediction, sample.answer), "answer_type": sample.meta.get("answer_type")}
+
+    def aggregate(self, per_sample):
+        ds = _details(per_sample)
+        return _pct([d["score"] for d in ds]), self.metric, {"n": len(ds), "per_answer_type": _by(ds, "answer_type")}
+
+
+class VizwizVqaValTask(Task):
+    """VizWiz-VQA val (lmms-lab/VizWiz-VQA): VQA accuracy with the full EvalAI normaliser (as TextVQA)."""
+
+    name = "vizwiz_vqa_val"
+    metric = "vqa_accuracy"
+    split = "val"
+    layout = "parquet or save_to_disk (lmms-lab/VizWiz-VQA, val): question_id, question, answers (list of 10), image"
+    columns = ("question", "answers", "image")
+    id_columns = ("question_id",)
+    max_new_tokens = 128  # lmms-eval sets only a stop string
+
+    def _sample(self, row: dict, f: Path, ctx: dict) -> Sample:
+        return Sample(id="", prompt=self.build_prompt(row), question=str(row["question"]),
+                      answer=[str(a) for a in row["answers"] or []], image_refs=_image(row, f))
+
+    @staticmethod
+    def build_prompt(row: dict) -> str:  # vizwiz_vqa_doc_to_text, default kwargs
+        return (f"{str(row['question']).capitalize()}\nWhen the provided information is insufficient, respond with "
+                f"'Unanswerable'.{POST_SHORT}")
+
+    def score(self, sample: Sample, prediction: str) -> dict:
+        return {"score": M.vqa_accuracy(prediction, sample.answer)}
+
+
+TASK_CLASSES = (ChartQaTask, DocVqaValTask, Ai2dTask, RealWorldQaTask, MmstarTask, Vqav2ValTask, VizwizVqaValTask)
 for _cls in TASK_CLASSES:
     register_task(_cls)
 del _cls
