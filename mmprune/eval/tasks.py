@@ -23,7 +23,7 @@ Example:
     >>> get_task("nope")
     Traceback (most recent call last):
     ...
-    mmprune.eval.tasks.TaskError: unknown task 'nope'; choose one of: ai2d, chartqa, docvqa_val, gqa, ..., videomme
+    mmprune.eval.tasks.TaskError: unknown task 'nope'; choose one of: ai2d, chartqa, docvqa_val, gqa, ...
 """
 
 from __future__ import annotations
