@@ -574,3 +574,42 @@ def vizwiz_vqa_process_results(doc, result):
         other = [answers[j] for j in range(len(answers)) if i != j]
         gt_acc.append(min(1, float(len([a for a in other if a == res_ans])) / 3))
     return statistics.mean(gt_acc) if gt_acc else 0
+
+
+# lmms_eval/tasks/ocrbench/utils.py (default kwargs: empty pre / post prompt)
+def ocrbench_doc_to_text(doc):
+    return doc["question"].strip()
+
+
+def _fold_fullwidth_ascii(text: str) -> str:
+    folded = []
+    for char in text:
+        codepoint = ord(char)
+        if 0xFF01 <= codepoint <= 0xFF5E:
+            folded.append(chr(codepoint - 0xFEE0))
+        elif codepoint == 0x3000:
+            folded.append(" ")
+        else:
+            folded.append(char)
+    return "".join(folded)
+
+
+def ocrbench_process_results(doc, results):
+    pred = results[0].strip()
+    gt_ans = doc["answer"]
+    score = 0
+    if doc["dataset"] == "HME100k":
+        for a in gt_ans if type(gt_ans) is list else [gt_ans]:
+            if a.strip().replace("\n", " ").replace(" ", "") in pred.strip().replace("\n", " ").replace(" ", ""):
+                score = 1
+    else:
+        for a in gt_ans if type(gt_ans) is list else [gt_ans]:
+            answer = _fold_fullwidth_ascii(a).lower().strip().replace("\n", " ")
+            predict = _fold_fullwidth_ascii(pred).lower().strip().replace("\n", " ")
+            if answer in predict:
+                score = 1
+    return {"question_type": doc["question_type"], "score": score}
+
+
+def ocrbench_aggregate_accuracy(results):
+    return sum(r["score"] for r in results) / 1000

@@ -295,3 +295,18 @@ def test_vizwiz_vqa_val(tmp_path):
         assert task.build_prompt(row) == R.vizwiz_vqa_doc_to_text(row)
         for p in VQA_PREDICTIONS:
             assert task.score(s, p)["score"] == pytest.approx(R.vizwiz_vqa_process_results(row, [p]), abs=1e-12), p
+
+
+def test_ocrbench(tmp_path):
+    task = _task("ocrbench")
+    rows = [{"dataset": d, "question": " what is written in the image? ", "question_type": t, "answer": a, "image": {"bytes": b"x"}}
+            for d, t, a in [("IIIT5K", "Regular Text Recognition", ["STOP"]), ("HME100k", "Handwritten Mathematical Expression Recognition",
+                            ["x ^ { 2 }"]), ("docVQA", "Doc-oriented VQA", ["1990", "March 1990"]), ("FUNSD", "Key Information Extraction", "Ｎａｍｅ")]]
+    samples = _samples(task, rows, tmp_path)
+    for s, row in zip(samples, rows):
+        assert task.build_prompt(row) == R.ocrbench_doc_to_text(row)
+        for p in PREDICTIONS + ["stop sign", "x^{2}", "in march 1990", "NAME:", "Name", "ＳＴＯＰ"]:
+            assert task.score(s, p)["score"] == R.ocrbench_process_results(row, [p])["score"], (row["answer"], p)
+    preds = ["stop sign", "x^{2}", "no", "name"]
+    ours = task.aggregate([task.score(s, p) for s, p in zip(samples, preds)])[0]
+    assert ours == pytest.approx(100 * R.ocrbench_aggregate_accuracy([R.ocrbench_process_results(r, [p]) for r, p in zip(rows, preds)]))

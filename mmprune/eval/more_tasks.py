@@ -1,5 +1,5 @@
 """Image benchmarks added for issue 25 under lmms-eval's task names: ``chartqa``, ``docvqa_val``, ``ai2d``,
-``realworldqa``, ``mmstar``, ``vqav2_val``, ``vizwiz_vqa_val``. Prompts, per-sample scores and aggregates are lmms-eval 0.7.3's (each method
+``realworldqa``, ``mmstar``, ``vqav2_val``, ``vizwiz_vqa_val``, ``ocrbench``. Prompts, per-sample scores and aggregates are lmms-eval 0.7.3's (each method
 names the file it follows); ``tests/test_lmms_eval_alignment.py`` checks them against code extracted from
 that release. Data: the datasets' Hugging Face layout on local disk (parquet shards or ``save_to_disk``).
 
@@ -283,7 +283,68 @@ class VizwizVqaValTask(Task):
         return {"score": M.vqa_accuracy(prediction, sample.answer)}
 
 
-TASK_CLASSES = (ChartQaTask, DocVqaValTask, Ai2dTask, RealWorldQaTask, MmstarTask, Vqav2ValTask, VizwizVqaValTask)
+# ---------------------------------------------------------------------------------------------- OCRBench
+def _fold_fullwidth_ascii(text: str) -> str:
+    """Fullwidth ASCII and the ideographic space to ASCII, nothing else (lmms_eval/tasks/ocrbench/utils.py)."""
+    return "".join(chr(ord(c) - 0xFEE0) if 0xFF01 <= ord(c) <= 0xFF5E else " " if ord(c) == 0x3000 else c for c in text)
+
+
+def ocrbench_hit(prediction: str, answers, dataset: str) -> int:
+    """``ocrbench_process_results``: an answer contained in the stripped prediction; HME100k (handwritten
+    maths) compares with all spaces removed, the others lower-cased after folding fullwidth characters.
+
+    Example:
+        >>> ocrbench_hit("The sign says STOP.", ["stop"], "IIIT5K"), ocrbench_hit("x ^ 2", ["x^2"], "HME100k")
+        (1, 1)
+    """
+    pred = str(prediction).strip()
+    score = 0
+    for ans in answers if isinstance(answers, list) else [answers]:
+        if dataset == "HME100k":
+            hit = ans.strip().replace("\n", " ").replace(" ", "") in pred.strip().replace("\n", " ").replace(" ", "")
+        else:
+            hit = (_fold_fullwidth_ascii(ans).lower().strip().replace("\n", " ")
+                   in _fold_fullwidth_ascii(pred).lower().strip().replace("\n", " "))
+        score = 1 if hit else score
+    return score
+
+
+class OcrbenchTask(Task):
+    """OCRBench (echo840/OCRBench): the final score is correct answers out of the benchmark's 1000 (so a
+    subset scores low, as in lmms-eval), in percent; per question type in extra."""
+
+    name = "ocrbench"
+    metric = "ocrbench_accuracy"
+    split = "test"
+    layout = "parquet or save_to_disk (echo840/OCRBench, test): dataset, question, question_type, answer (list), image"
+    columns = ("dataset", "question", "question_type", "answer", "image")
+    max_new_tokens = 128
+
+    def _sample(self, row: dict, f: Path, ctx: dict) -> Sample:
+        ans = row["answer"]
+        return Sample(id="", prompt=self.build_prompt(row), question=str(row["question"]),
+                      answer=[str(a) for a in ans] if isinstance(ans, (list, tuple)) else str(ans),
+                      image_refs=_image(row, f), meta={"dataset": row["dataset"], "question_type": row["question_type"]})
+
+    @staticmethod
+    def build_prompt(row: dict) -> str:
+        return str(row["question"]).strip()  # ocrbench_doc_to_text, default kwargs empty
+
+    def score(self, sample: Sample, prediction: str) -> dict:
+        return {"score": float(ocrbench_hit(prediction, sample.answer, sample.meta["dataset"])),
+                "question_type": sample.meta["question_type"]}
+
+    def aggregate(self, per_sample):
+        ds = _details(per_sample)
+        per_type: dict[str, float] = defaultdict(float)
+        for d in ds:
+            per_type[str(d["question_type"])] += d["score"]
+        extra = {"n": len(ds), "correct": sum(per_type.values()), "per_question_type_correct": dict(per_type)}
+        return 100.0 * sum(per_type.values()) / 1000, self.metric, extra
+
+
+TASK_CLASSES = (ChartQaTask, DocVqaValTask, Ai2dTask, RealWorldQaTask, MmstarTask, Vqav2ValTask, VizwizVqaValTask,
+                OcrbenchTask)
 for _cls in TASK_CLASSES:
     register_task(_cls)
 del _cls
