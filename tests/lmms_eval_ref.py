@@ -613,3 +613,156 @@ def ocrbench_process_results(doc, results):
 
 def ocrbench_aggregate_accuracy(results):
     return sum(r["score"] for r in results) / 1000
+
+
+# lmms_eval/tasks/_task_utils/mmmu_mcq_utils.py and lmms_eval/tasks/mmmu/utils.py (default kwargs, prompt_type
+# "format", interleaved_format false)
+def mmmu_doc_to_text(doc):
+    import ast
+
+    question = doc["question"]
+    if doc["question_type"] == "multiple-choice":
+        options = ast.literal_eval(doc["options"])
+        letters = [chr(ord("A") + i) for i in range(len(options))]
+        parsed = "\n".join([f"{o}. {opt}" for o, opt in zip(letters, options)])
+        return f"{question}\n{parsed}\n\nAnswer with the option's letter from the given choices directly."
+    return f"{question}\n\nAnswer the question using a single word or phrase."
+
+
+def parse_mmmu_multi_choice_response(response, all_choices, index2ans):
+    import random
+
+    for char in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(char)
+    response = " " + response + " "
+    index_ans = True
+    ans_with_brack = False
+    candidates = []
+    for choice in all_choices:
+        if f"({choice})" in response:
+            candidates.append(choice)
+            ans_with_brack = True
+    if len(candidates) == 0:
+        for choice in all_choices:
+            if f"{choice} " in response:
+                candidates.append(choice)
+    if len(candidates) == 0:
+        for choice in all_choices:
+            if f"{choice}." in response:
+                candidates.append(choice)
+    if len(candidates) == 0 and len(response.split()) > 5:
+        for index, ans in index2ans.items():
+            if ans.lower() in response.lower():
+                candidates.append(index)
+                index_ans = False
+    if len(candidates) == 0:
+        pred_index = random.choice(all_choices)
+    elif len(candidates) > 1:
+        start_indexes = []
+        if index_ans:
+            if ans_with_brack:
+                for can in candidates:
+                    start_indexes.append(response.rfind(f"({can})"))
+            else:
+                for can in candidates:
+                    start_indexes.append(response.rfind(f" {can} "))
+        else:
+            for can in candidates:
+                start_indexes.append(response.lower().rfind(index2ans[can].lower()))
+        pred_index = candidates[np.argmax(start_indexes)]
+    else:
+        pred_index = candidates[0]
+    return pred_index
+
+
+def mmmu_extract_numbers(string):
+    pattern_commas = r"-?\b\d{1,3}(?:,\d{3})+\b"
+    pattern_scientific = r"-?\d+(?:\.\d+)?[eE][+-]?\d+"
+    pattern_simple = r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])"
+    return re.findall(pattern_commas, string) + re.findall(pattern_scientific, string) + re.findall(pattern_simple, string)
+
+
+def mmmu_normalize_str(string):
+    string = string.strip()
+    try:
+        float(string.replace(",", ""))
+        is_number = True
+    except ValueError:
+        is_number = False
+    if is_number:
+        return [round(float(string.replace(",", "")), 2)]
+    string = string.lower()
+    if len(string) == 1:
+        return [" " + string, string + " "]
+    return [string]
+
+
+def mmmu_parse_open_response(response):
+    def get_key_subresponses(response):
+        response = response.strip().strip(".").lower()
+        sub_responses = re.split(r"\.\s(?=[A-Z])|\n", response)
+        indicators_of_keys = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
+        key_responses = []
+        for index, resp in enumerate(sub_responses):
+            if index == len(sub_responses) - 1:
+                indicators_of_keys.extend(["="])
+            shortest_key_response = None
+            for indicator in indicators_of_keys:
+                if indicator in resp:
+                    if not shortest_key_response:
+                        shortest_key_response = resp.split(indicator)[-1].strip()
+                    elif len(resp.split(indicator)[-1].strip()) < len(shortest_key_response):
+                        shortest_key_response = resp.split(indicator)[-1].strip()
+            if shortest_key_response:
+                if shortest_key_response.strip() not in [":", ",", ".", "!", "?", ";", ":", "'"]:
+                    key_responses.append(shortest_key_response)
+        if len(key_responses) == 0:
+            return [response]
+        return key_responses
+
+    key_responses = get_key_subresponses(response)
+    pred_list = key_responses.copy()
+    for resp in key_responses:
+        pred_list.extend(mmmu_extract_numbers(resp))
+    tmp_pred_list = []
+    for i in range(len(pred_list)):
+        tmp_pred_list.extend(mmmu_normalize_str(pred_list[i]))
+    return list(set(tmp_pred_list))
+
+
+def mmmu_eval_open(gold_i, pred_i):
+    correct = False
+    if isinstance(gold_i, list):
+        norm_answers = []
+        for answer in gold_i:
+            norm_answers.extend(mmmu_normalize_str(answer))
+    else:
+        norm_answers = mmmu_normalize_str(gold_i)
+    for pred in pred_i:
+        if isinstance(pred, str):
+            for norm_ans in norm_answers:
+                if isinstance(norm_ans, str) and norm_ans in pred:
+                    if not correct:
+                        correct = True
+                    break
+        else:
+            if pred in norm_answers:
+                if not correct:
+                    correct = True
+                break
+    return correct
+
+
+def mmmu_score(doc, prediction):
+    """mmmu_process_results + evaluate_mmmu for one sample (global random seeded 0 just before, as the first
+    draw of an lmms-eval run seeded 0)."""
+    import ast
+    import random
+
+    if doc["question_type"] == "multiple-choice":
+        options = ast.literal_eval(doc["options"])
+        letters = [chr(ord("A") + i) for i in range(len(options))]
+        random.seed(0)
+        pred = parse_mmmu_multi_choice_response(prediction, letters, dict(zip(letters, options)))
+        return float(pred == doc["answer"])
+    return float(mmmu_eval_open(doc["answer"], mmmu_parse_open_response(prediction)))

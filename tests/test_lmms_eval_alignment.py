@@ -310,3 +310,32 @@ def test_ocrbench(tmp_path):
     preds = ["stop sign", "x^{2}", "no", "name"]
     ours = task.aggregate([task.score(s, p) for s, p in zip(samples, preds)])[0]
     assert ours == pytest.approx(100 * R.ocrbench_aggregate_accuracy([R.ocrbench_process_results(r, [p]) for r, p in zip(rows, preds)]))
+
+
+MMMU_PREDICTIONS = PREDICTIONS + [
+    "The answer is 24.", "so the total is 1,200 dollars", "x = 3.14159", "It is 5e3 meters. So the result is 5000",
+    "Paris", "the capital is paris.", "I would pick option (B) over (D)", "B and C are both wrong; the answer is C.",
+    "Looking at the image carefully, the painting shows a cubist style", "none", "0.5", ".5", "-2",
+]
+
+
+def test_mmmu_val(tmp_path):
+    task = _task("mmmu_val")
+    rows = [
+        {"id": "validation_Art_Theory_1", "question": "<image 1> Which style is shown?", "question_type": "multiple-choice",
+         "options": "['impressionist', 'cubist style', 'baroque', 'pop art']", "answer": "B", "image_1": {"bytes": b"x"}},
+        {"id": "validation_Math_2", "question": "What is x? <image 1> <image 2>", "question_type": "open",
+         "options": "[]", "answer": "3.14", "image_1": {"bytes": b"x"}, "image_2": {"bytes": b"y"}},
+        {"id": "validation_Geography_3", "question": "Capital of France?", "question_type": "open", "options": "[]",
+         "answer": "Paris"},
+        {"id": "validation_Accounting_4", "question": "Total cost?", "question_type": "open", "options": "[]", "answer": "1,200"},
+        {"id": "validation_Physics_5", "question": "Pick one.", "question_type": "multiple-choice",
+         "options": "['5 m', '24', 'C', 'D']", "answer": "C"},
+    ]
+    samples = _samples(task, rows, tmp_path)
+    assert [len(s.image_refs or []) for s in samples] == [1, 2, 0, 0, 0]
+    assert [s.meta["subject"] for s in samples] == ["Art_Theory", "Math", "Geography", "Accounting", "Physics"]
+    for s, row in zip(samples, rows):
+        assert task.build_prompt(row) == R.mmmu_doc_to_text(row)
+        for p in MMMU_PREDICTIONS:
+            assert task.score(s, p)["score"] == R.mmmu_score(row, p), (row["id"], p)

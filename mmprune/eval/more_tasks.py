@@ -1,5 +1,5 @@
 """Image benchmarks added for issue 25 under lmms-eval's task names: ``chartqa``, ``docvqa_val``, ``ai2d``,
-``realworldqa``, ``mmstar``, ``vqav2_val``, ``vizwiz_vqa_val``, ``ocrbench``. Prompts, per-sample scores and aggregates are lmms-eval 0.7.3's (each method
+``realworldqa``, ``mmstar``, ``vqav2_val``, ``vizwiz_vqa_val``, ``ocrbench``, ``mmmu_val``. Prompts, per-sample scores and aggregates are lmms-eval 0.7.3's (each method
 names the file it follows); ``tests/test_lmms_eval_alignment.py`` checks them against code extracted from
 that release. Data: the datasets' Hugging Face layout on local disk (parquet shards or ``save_to_disk``).
 
@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import ast
+import random
 import re
 import string
 from collections import defaultdict
@@ -343,8 +345,152 @@ class OcrbenchTask(Task):
         return 100.0 * sum(per_type.values()) / 1000, self.metric, extra
 
 
+# ------------------------------------------------------------------------------------------------- MMMU
+# The official MMMU parsers (MMMU-Benchmark/MMMU eval/eval_utils.py, commit 51ce7f3) as lmms-eval 0.7.3 carries
+# them: lmms_eval/tasks/_task_utils/mmmu_mcq_utils.py and lmms_eval/tasks/mmmu/utils.py.
+def mmmu_parse_choice(response: str, all_choices: list[str], index2ans: dict[str, str], rng: random.Random) -> str:
+    """``parse_mmmu_multi_choice_response``: "(B)", then "B ", then "B.", then (long answers) an option's
+    text; several candidates: the last one mentioned; none: a random letter from ``rng`` (lmms-eval draws
+    from its global generator, seeded 0 at start, so there the letter depends on what drew before).
+
+    Example:
+        >>> mmmu_parse_choice("The answer is (C).", ["A", "B", "C"], {"A": "x", "B": "y", "C": "z"}, random.Random(0))
+        'C'
+    """
+    for char in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(char)
+    response = " " + response + " "
+    index_ans, with_brackets, cands = True, False, []
+    for choice in all_choices:
+        if f"({choice})" in response:
+            cands.append(choice)
+            with_brackets = True
+    if not cands:
+        cands = [c for c in all_choices if f"{c} " in response]
+    if not cands:
+        cands = [c for c in all_choices if f"{c}." in response]
+    if not cands and len(response.split()) > 5:
+        cands = [k for k, ans in index2ans.items() if ans.lower() in response.lower()]
+        index_ans = False
+    if not cands:
+        return rng.choice(all_choices)
+    if len(cands) == 1:
+        return cands[0]
+    if index_ans:
+        starts = [response.rfind(f"({c})") if with_brackets else response.rfind(f" {c} ") for c in cands]
+    else:
+        starts = [response.lower().rfind(index2ans[c].lower()) for c in cands]
+    return cands[starts.index(max(starts))]  # np.argmax: the first of equal maxima
+
+
+def _mmmu_numbers(text: str) -> list[str]:
+    commas = re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", text)
+    scientific = re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", text)
+    simple = re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", text)
+    return commas + scientific + simple
+
+
+def _mmmu_normalize(text: str) -> list:
+    text = text.strip()
+    try:
+        return [round(float(text.replace(",", "")), 2)]
+    except ValueError:
+        text = text.lower()
+        return [" " + text, text + " "] if len(text) == 1 else [text]
+
+
+def mmmu_parse_open(response: str) -> list:
+    """``parse_open_response``: the tails of the sentences after key words ("is ", "so ", "answer ",
+    "=" in the last one...), plus every number in them, normalised (numbers to floats rounded to 2)."""
+    response = response.strip().strip(".").lower()
+    parts = re.split(r"\.\s(?=[A-Z])|\n", response)
+    keys = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
+    key_responses = []
+    for i, part in enumerate(parts):
+        if i == len(parts) - 1:
+            keys = keys + ["="]
+        shortest = None
+        for key in keys:
+            if key in part:
+                tail = part.split(key)[-1].strip()
+                if not shortest or len(tail) < len(shortest):
+                    shortest = tail
+        if shortest and shortest.strip() not in [":", ",", ".", "!", "?", ";", ":", "'"]:
+            key_responses.append(shortest)
+    key_responses = key_responses or [response]
+    preds = list(key_responses)
+    for r in key_responses:
+        preds.extend(_mmmu_numbers(r))
+    return list({v for p in preds for v in _mmmu_normalize(p)})
+
+
+def mmmu_open_correct(answer, preds: list) -> bool:
+    """``eval_open``: a string answer contained in a string prediction, or a number equal to one."""
+    norm = [v for a in (answer if isinstance(answer, list) else [answer]) for v in _mmmu_normalize(a)]
+    for pred in preds:
+        if isinstance(pred, str):
+            if any(isinstance(a, str) and a in pred for a in norm):
+                return True
+        elif pred in norm:
+            return True
+    return False
+
+
+class MmmuValTask(Task):
+    """MMMU validation (lmms-lab/MMMU): multiple choice by MMMU's parser (a seeded random letter when none is
+    found) and open questions by its number / string matcher; the score is the accuracy over all questions
+    (lmms-eval's instance-level figure, rounded to 5 decimals as a fraction); per subject in extra."""
+
+    name = "mmmu_val"
+    metric = "mmmu_acc"
+    split = "validation"
+    layout = ("parquet or save_to_disk (lmms-lab/MMMU, validation): id, question, options (a list's repr), answer, "
+              "question_type, image_1..image_7")
+    columns = ("id", "question", "options", "answer", "question_type")
+    id_columns = ("id",)
+    max_new_tokens = 128
+
+    def _sample(self, row: dict, f: Path, ctx: dict) -> Sample:
+        names = sorted({t.strip("<>").replace(" ", "_") for t in re.findall(r"<image \d+>", self.build_prompt(row))})
+        refs = [_image_ref(row.get(n), f.parent) for n in names]
+        mc = row["question_type"] == "multiple-choice"
+        options = [str(o) for o in ast.literal_eval(row["options"])] if mc else []
+        return Sample(id="", prompt=self.build_prompt(row), question=str(row["question"]), answer=row["answer"],
+                      choices=options or None, image_refs=[r for r in refs if r is not None],
+                      meta={"question_type": row["question_type"], "subject": _mmmu_subject(str(row["id"]))})
+
+    @staticmethod
+    def build_prompt(row: dict) -> str:  # construct_prompt, prompt_type "format"; interleaved_format false
+        if row["question_type"] == "multiple-choice":
+            opts = ast.literal_eval(row["options"])
+            listed = "\n".join(f"{chr(ord('A') + i)}. {o}" for i, o in enumerate(opts))
+            return f"{row['question']}\n{listed}\n\nAnswer with the option's letter from the given choices directly."
+        return f"{row['question']}\n\nAnswer the question using a single word or phrase."
+
+    def score(self, sample: Sample, prediction: str) -> dict:
+        if sample.meta["question_type"] == "multiple-choice":
+            letters = [chr(ord("A") + i) for i in range(len(sample.choices))]
+            pred = mmmu_parse_choice(str(prediction), letters, dict(zip(letters, sample.choices)), random.Random(0))
+            gold = sample.answer
+            ok = pred in gold if isinstance(gold, list) else pred == gold
+            return {"score": float(ok), "pred": pred, "subject": sample.meta["subject"]}
+        return {"score": float(mmmu_open_correct(sample.answer, mmmu_parse_open(str(prediction)))),
+                "subject": sample.meta["subject"]}
+
+    def aggregate(self, per_sample):
+        ds = _details(per_sample)
+        acc = round(sum(d["score"] for d in ds) / len(ds), 5) if ds else 0.0
+        return 100.0 * acc, self.metric, {"n": len(ds), "per_subject": _by(ds, "subject")}
+
+
+def _mmmu_subject(sample_id: str) -> str:
+    """``extract_subset_name``: "validation_Art_Theory_12" -> "Art_Theory"."""
+    m = re.search(rf"^{re.escape(sample_id.split('_')[0])}_(.+?)_\d+$", sample_id)
+    return m.group(1) if m else sample_id
+
+
 TASK_CLASSES = (ChartQaTask, DocVqaValTask, Ai2dTask, RealWorldQaTask, MmstarTask, Vqav2ValTask, VizwizVqaValTask,
-                OcrbenchTask)
+                OcrbenchTask, MmmuValTask)
 for _cls in TASK_CLASSES:
     register_task(_cls)
 del _cls
