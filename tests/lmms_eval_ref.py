@@ -766,3 +766,116 @@ def mmmu_score(doc, prediction):
         pred = parse_mmmu_multi_choice_response(prediction, letters, dict(zip(letters, options)))
         return float(pred == doc["answer"])
     return float(mmmu_eval_open(doc["answer"], mmmu_parse_open_response(prediction)))
+
+
+# lmms_eval/tasks/egoschema/utils.py (egoschema_subset.yaml default kwargs)
+def egoschema_doc_to_text(doc):
+    question = doc["question"]
+    for op in doc["option"]:
+        question += "\n" + op
+    return f"{question}\nAnswer with the option's letter from the given choices directly."
+
+
+def egoschema_parse_multi_choice_response(response, all_choices, index2ans):
+    import random
+
+    for char in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(char)
+    response = " " + response + " "
+    index_ans = True
+    candidates = []
+    for choice in all_choices:
+        if f"({choice})" in response:
+            candidates.append(f"({choice})")
+    for choice in all_choices:
+        if f"{choice} " in response:
+            candidates.append(f"{choice} ")
+    for choice in all_choices:
+        if f"{choice}." in response:
+            candidates.append(f"{choice}.")
+    if len(candidates) == 0 and len(response.split()) > 5:
+        for index, ans in index2ans.items():
+            if ans.lower() in response.lower():
+                candidates.append(index)
+                index_ans = False
+    if len(candidates) == 0:
+        pred_index = random.choice(all_choices)
+    elif len(candidates) > 1:
+        start_indexes = []
+        if index_ans:
+            for can in candidates:
+                start_indexes.append(response.rfind(can))
+        else:
+            for can in candidates:
+                start_indexes.append(response.lower().rfind(index2ans[can].lower()))
+        pred_index = candidates[np.argmin(start_indexes)]
+        pred_index = pred_index.replace("(", "").replace(")", "").replace(".", "").strip()
+    else:
+        pred_index = candidates[0]
+        pred_index = pred_index.replace("(", "").replace(")", "").replace(".", "").strip()
+    return pred_index, len(candidates) > 0
+
+
+def egoschema_score(doc, prediction):
+    import random
+
+    options = ["A", "B", "C", "D", "E"]
+    index2ans = {options[i]: doc["option"][i].strip() for i in range(5)}
+    random.seed(0)
+    parsed, _ = egoschema_parse_multi_choice_response(prediction, options, index2ans)
+    index = {"A": 0, "B": 1, "C": 2, "D": 3, "E": 4}.get(parsed, -1)
+    return float(str(doc["answer"]) == str(index))
+
+
+# lmms_eval/tasks/nextqa/utils.py (nextqa_mc_test: no pre / post prompt; the parser is MMMU's)
+def nextqa_doc_to_text_mc(doc):
+    question = [doc["question"].strip()]
+    for i in range(5):
+        question.append(f"{'ABCDE'[i]}. {doc[f'a{i}'].strip()}")
+    return "\n".join(question)
+
+
+def nextqa_score(doc, prediction):
+    import random
+
+    index2ans = {"ABCDE"[i]: doc[f"a{i}"].strip() for i in range(5)}
+    random.seed(0)
+    return float(parse_mmmu_multi_choice_response(prediction, list("ABCDE"), index2ans) == "ABCDE"[doc["answer"]])
+
+
+# lmms_eval/tasks/longvideobench/utils.py (longvideobench_val_v.yaml default kwargs)
+def longvideobench_doc_to_text(doc):
+    candidates = []
+    for i in range(5):
+        candidate = doc.get(f"option{i}")
+        if candidate != "N/A":
+            candidates.append(candidate)
+    question = doc["question"] + "\n" + "\n".join([". ".join([chr(ord("A") + i), c]) for i, c in enumerate(candidates)])
+    return f"{question}\nAnswer with the option's letter from the given choices directly.\n"
+
+
+def longvideobench_parse(response, all_choices):
+    import random
+
+    s = response.strip()
+    for answer_prefix in ["The best answer is", "The correct answer is", "The answer is", "The answer",
+                          "The best option is", "The correct option is", "Best answer:", "Best option:"]:
+        s = s.replace(answer_prefix, "")
+    if len(s.split()) > 10 and not re.search("[ABCDE]", s):
+        return random.choice(all_choices)
+    matches = re.search(r"[ABCDE]", s)
+    if matches is None:
+        return random.choice(all_choices)
+    return matches[0]
+
+
+def longvideobench_score(doc, prediction):
+    import random
+
+    all_choices = []
+    for i in range(5):
+        if doc.get(f"option{i}") == "N/A":
+            break
+        all_choices.append(chr(ord("A") + i))
+    random.seed(0)
+    return float(longvideobench_parse(prediction, all_choices) == chr(ord("A") + doc["correct_choice"]))

@@ -516,3 +516,40 @@ def test_sample_images_are_decoded_lazily(tmp_path):
     assert T.Sample(id="2").images is None
     s2 = dataclasses.replace(s, id="3")
     assert s2.id == "3" and len(s2.images) == 3
+
+
+# ------------------------------------------------------------------- issue 25's added tasks: published layouts
+def test_added_video_tasks_read_their_layouts(tmp_path):
+    ego = tmp_path / "egoschema"
+    write_parquet(ego / "Subset" / "test-00000-of-00001.parquet",
+                  {"video_idx": ["v1"], "question_idx": ["q1"], "question": ["what?"], "option": [["A. a", "B. b", "C. c", "D. d", "E. e"]],
+                   "answer": ["1"]})  # fmt: skip
+    write_mp4(ego / "videos" / "v1.mp4")
+    s = T.get_task("egoschema_subset").load(ego)[0]
+    assert s.id == "q1" and s.video == str(ego / "videos" / "v1.mp4") and s.answer == "1"
+    nq = tmp_path / "nextqa"
+    write_parquet(nq / "MC" / "test-00000-of-00001.parquet",
+                  {"video": [4010], "qid": [7], "question": ["why?"], **{f"a{i}": [f"o{i}"] for i in range(5)}, "answer": [2],
+                   "type": ["CW"]})  # fmt: skip
+    write_mp4(nq / "NExTVideo" / "4010.mp4")
+    s = T.get_task("nextqa_mc_test").load(nq)[0]
+    assert s.video == str(nq / "NExTVideo" / "4010.mp4") and s.answer == "C"
+    lvb = tmp_path / "lvb"
+    write_parquet(lvb / "validation-00000-of-00001.parquet",
+                  {"id": ["x"], "video_path": ["abc.mp4"], "question": ["q?"], "option0": ["a"], "option1": ["b"], "option2": ["N/A"],
+                   "option3": ["N/A"], "option4": ["N/A"], "correct_choice": [1], "duration_group": [15], "question_category": ["S2E"]})  # fmt: skip
+    write_mp4(lvb / "videos" / "abc.mp4")
+    s = T.get_task("longvideobench_val_v").load(lvb)[0]
+    assert s.video == str(lvb / "videos" / "abc.mp4") and s.answer == "B" and s.choices == ["a", "b"]
+
+
+def test_added_image_tasks_read_their_layouts(tmp_path):
+    write_parquet(tmp_path / "MMMU" / "validation-00000-of-00001.parquet",
+                  {"id": ["validation_Art_1"], "question": ["<image 1> which?"], "options": ["['x', 'y']"], "answer": ["A"],
+                   "question_type": ["multiple-choice"], "image_1": [{"bytes": png("red"), "path": None}]})  # fmt: skip
+    s = T.get_task("mmmu_val").load(tmp_path / "MMMU")[0]
+    assert s.images[0].size == (8, 6) and s.prompt.endswith("directly.") and s.meta["subject"] == "Art"
+    write_parquet(tmp_path / "ChartQA" / "test-00000-of-00001.parquet",
+                  {"type": ["human_test"], "question": ["max?"], "answer": ["12"], "image": [{"bytes": png("blue"), "path": None}]})
+    s = T.get_task("chartqa").load(tmp_path / "ChartQA")[0]
+    assert s.images[0].size == (8, 6) and T.get_task("chartqa").score(s, "12.3")["score"] == 1.0

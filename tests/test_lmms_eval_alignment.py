@@ -339,3 +339,46 @@ def test_mmmu_val(tmp_path):
         assert task.build_prompt(row) == R.mmmu_doc_to_text(row)
         for p in MMMU_PREDICTIONS:
             assert task.score(s, p)["score"] == R.mmmu_score(row, p), (row["id"], p)
+
+
+# ----------------------------------------------------------------------------- video tasks added by issue 25
+VIDEO_PREDICTIONS = PREDICTIONS + MMMU_PREDICTIONS[len(PREDICTIONS):] + [
+    "(B) and (D)", "B. then C.", "The best answer is E.", "the person is cooking dinner in the kitchen today",
+    "D. A book", "I think it is option E (E)", "c.", "E",
+]
+
+
+def test_egoschema_subset(tmp_path):
+    task = _task("egoschema_subset")
+    opts = ["A. cooking dinner", "B. washing dishes", "C. reading a book", "D. cleaning the floor", "E. watching tv"]
+    rows = [{"video_idx": f"v{i}", "question": "What is the person doing?", "option": opts, "answer": str(a)}
+            for i, a in enumerate([0, 2, 4])]
+    for s, row in zip(_samples(task, rows, tmp_path), rows):
+        assert task.build_prompt(row) == R.egoschema_doc_to_text(row)
+        for p in VIDEO_PREDICTIONS:
+            assert task.score(s, p)["score"] == R.egoschema_score(row, p), (row["answer"], p)
+
+
+def test_nextqa_mc_test(tmp_path):
+    task = _task("nextqa_mc_test")
+    rows = [{"video": 1000 + i, "qid": i, "question": " why did the boy run? ", "a0": "to catch the ball ", "a1": "he was late",
+             "a2": "to play", "a3": "cooking dinner", "a4": "none", "answer": a, "type": "CW"} for i, a in enumerate([0, 3, 4])]
+    for s, row in zip(_samples(task, rows, tmp_path), rows):
+        assert task.build_prompt(row) == R.nextqa_doc_to_text_mc(row)
+        for p in VIDEO_PREDICTIONS:
+            assert task.score(s, p)["score"] == R.nextqa_score(row, p), (row["answer"], p)
+
+
+def test_longvideobench_val_v(tmp_path):
+    task = _task("longvideobench_val_v")
+    rows = [{"id": f"q{i}", "video_path": f"v{i}.mp4", "question": "What is on the table?", "option0": "A book", "option1": "a cup",
+             "option2": "keys", "option3": o3, "option4": "N/A", "correct_choice": c, "duration_group": 15,
+             "question_category": "S2E"} for i, (o3, c) in enumerate([("a phone", 0), ("N/A", 2), ("a pen", 3)])]
+    samples = _samples(task, rows, tmp_path)
+    for s, row in zip(samples, rows):
+        assert task.build_prompt(row) == R.longvideobench_doc_to_text(row)
+        for p in VIDEO_PREDICTIONS:
+            assert task.score(s, p)["score"] == R.longvideobench_score(row, p), (row["correct_choice"], p)
+    preds = ["A", "C", "the answer is a pen"]
+    ours = task.aggregate([task.score(s, p) for s, p in zip(samples, preds)])[0]
+    assert ours == pytest.approx(100 * round(sum(R.longvideobench_score(r, p) for r, p in zip(rows, preds)) / 3, 5))

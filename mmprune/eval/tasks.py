@@ -23,7 +23,7 @@ Example:
     >>> get_task("nope")
     Traceback (most recent call last):
     ...
-    mmprune.eval.tasks.TaskError: unknown task 'nope'; choose one of: ai2d, chartqa, docvqa_val, gqa, ...
+    mmprune.eval.tasks.TaskError: unknown task 'nope'; choose one of: ai2d, chartqa, docvqa_val, ...
 """
 
 from __future__ import annotations
@@ -1235,7 +1235,7 @@ for _cls in (
 del _cls
 
 # more lmms-eval tasks in their own module, which registers them; imported last, as it builds on the names above
-from . import more_tasks  # noqa: E402, F401
+from . import more_tasks, more_video_tasks  # noqa: E402, F401
 
 # The built-in test-bed's generated tasks (no --data): registered lazily so that `mmprune tasks` lists them
 # without generating anything; importing mmprune.testbed.tasks re-registers the same classes.
