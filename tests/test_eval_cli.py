@@ -338,3 +338,44 @@ def test_unsupported_model_dir_raises_unsupported_model_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(mmprune.UnsupportedModelError, match="gpt2"):
         resolve_model_path(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- issue 25: --turns 2
+def test_two_turns_answer_the_task_from_the_first_turns_pruned_cache(tiny_dir, pope_file, tmp_path, capsys):
+    out = tmp_path / "turns"
+    assert _eval(tiny_dir, pope_file, out, "--policy", "uniform", "--budget", "0.5", "--limit", "2", "--turns", "2",
+                 "--batch-size", "1") == 0
+    recs = _records(out)
+    assert len(recs) == 2 and all("turn1" in r and r["turn2_ms"] > 0 and r["visual_tokens_kept"] == 8 for r in recs)
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["settings"]["turns"] == 2
+    assert _eval(tiny_dir, pope_file, out, "--policy", "uniform", "--budget", "0.5", "--limit", "2") == 0
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 2  # one turn: a run of its own
+    capsys.readouterr()
+    rc = _eval(tiny_dir, pope_file, out, "--turns", "2")  # _eval asks for --batch-size 2
+    _one_line(capsys, rc, "--turns 2 answers each follow-up from its own conversation's cache")
+    _one_line(capsys, _eval(tiny_dir, pope_file, out, "--turns", "3"), "--turns must be 1 or 2")
+
+
+def test_follow_up_equals_the_uncached_conversation(tiny_dir, pope_file):
+    """The follow-up generated from turn 1's pruned cache equals generating the same conversation from scratch
+    with the image (same kept tokens: uniform is question-independent)."""
+    import torch
+
+    import mmprune
+    from mmprune.eval.runner import FIRST_TURN, build_batch, follow_up, load_model
+    from mmprune.eval.tasks import get_task
+
+    model, processor = load_model(str(tiny_dir), "cpu", "float32")
+    task = get_task("pope")
+    sample = task.load(pope_file, limit=1)[0]
+    inputs, ok, _ = build_batch(processor, task, [sample], 8, torch.device("cpu"), prompt=lambda s: FIRST_TURN["image"])
+    mmprune.wrap(model, "uniform", budget=0.5)
+    with torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        answer, new, _, ids2 = follow_up(model, processor, task, sample, inputs, first, 5)
+        scratch = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), pixel_values=inputs["pixel_values"],
+                                 max_new_tokens=5, do_sample=False)
+    mmprune.unwrap(model)
+    assert ids2.shape[1] > inputs["input_ids"].shape[1] and isinstance(answer, str)
+    assert torch.equal(new, scratch[:, ids2.shape[1]:])

@@ -35,8 +35,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=8, help="frames sampled per video")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    p.add_argument("--turns", type=int, default=1, help="2: ask a generic question first and the "
+                   "task's question as the follow-up, answered from the first turn's (pruned) cache (--batch-size 1)")
     p.add_argument("--out", default="runs/eval", help="output folder (re-running the same command resumes; a "
-                   "changed --data, --dtype, --seed, --max-new-tokens or --frames is a new run beside it; a larger "
+                   "changed --data, --dtype, --seed, --max-new-tokens, --frames or --turns is a new run beside it; a larger "
                    "--limit extends the run)")
 
 
@@ -52,7 +54,7 @@ def config_from(args, policy: str, budget) -> object:
     return EvalConfig(
         model=args.model, task=args.task, data=args.data, policy=policy, budget=budget, layer=args.layer,
         limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
-        out=args.out, max_new_tokens=args.max_new_tokens, num_frames=args.frames,
+        out=args.out, max_new_tokens=args.max_new_tokens, num_frames=args.frames, turns=args.turns,
     )
 
 

@@ -57,6 +57,7 @@ class EvalConfig:
     out: str = "runs/eval"
     max_new_tokens: int | None = None
     num_frames: int = 8
+    turns: int = 1
     progress: bool = True
 
 
@@ -82,6 +83,11 @@ def validate(cfg: EvalConfig):
         raise ValueError(f"--max-new-tokens must be an int >= 1 (or left out for the task's default); got {cfg.max_new_tokens}")
     if cfg.num_frames < 1:
         raise ValueError(f"--frames must be an int >= 1; got {cfg.num_frames}")
+    if cfg.turns not in (1, 2):
+        raise ValueError(f"--turns must be 1 or 2; got {cfg.turns}")
+    if cfg.turns == 2 and cfg.batch_size != 1:
+        raise ValueError(f"--turns 2 answers each follow-up from its own conversation's cache: use --batch-size 1 "
+                         f"(got {cfg.batch_size})")
     check_device(cfg.device)
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}; got {cfg.dtype!r}")
@@ -194,8 +200,31 @@ def _messages(task_modality: str, n_images: int, text: str) -> list:
     return [{"role": "user", "content": [*media, {"type": "text", "text": text}]}]
 
 
-def build_batch(processor, task, samples, num_frames: int, device):
-    """Processor inputs for a batch; returns (inputs, ok_samples, failures[(sample, reason)])."""
+def _render(processor, modality: str, media_n: int, turns: list[str]) -> str:
+    """The prompt text of a conversation: ``turns`` alternate user, assistant, user, ...; the media go with the
+    first user turn; a generation prompt follows. Chat template where the processor has one, else LLaVA-1.5's
+    plain "USER: ... ASSISTANT:" format (turns closed by the end-of-sequence token)."""
+    if getattr(processor, "chat_template", None):
+        msgs = _messages(modality, media_n, turns[0])
+        for i, text in enumerate(turns[1:]):
+            msgs.append({"role": "assistant" if i % 2 == 0 else "user", "content": [{"type": "text", "text": text}]})
+        return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    tag = getattr(processor, "video_token" if modality == "video" else "image_token", "<image>")
+    eos = getattr(getattr(processor, "tokenizer", None), "eos_token", None) or "</s>"
+    text = f"USER: {(tag + chr(10)) * max(media_n, 1)}{turns[0]} ASSISTANT:"
+    for i, t in enumerate(turns[1:]):
+        text += f" {t}{eos}" if i % 2 == 0 else f"USER: {t} ASSISTANT:"
+    return text
+
+
+# The first turn of ``--turns 2``: a generic question, so the follow-up (the task's question) is answered from a
+# cache pruned for another question (LLMC+ found token reduction collapses there).
+FIRST_TURN = {"image": "Describe the image in one sentence.", "video": "Describe the video in one sentence."}
+
+
+def build_batch(processor, task, samples, num_frames: int, device, prompt=None):
+    """Processor inputs for a batch; returns (inputs, ok_samples, failures[(sample, reason)]). ``prompt``: the
+    user text of a sample (default: the task's prompt)."""
     from .video import VideoReadError, read_frames
 
     texts, images, videos, ok, failed = [], [], [], [], []
@@ -213,12 +242,7 @@ def build_batch(processor, task, samples, num_frames: int, device):
         except (VideoReadError, OSError, ValueError) as e:
             failed.append((s, str(e)))
             continue
-        msgs = _messages(task.modality, media_n, task.prompt(s))
-        if getattr(processor, "chat_template", None):
-            texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-        else:  # LLaVA-1.5 style plain prompt
-            tag = getattr(processor, "video_token" if task.modality == "video" else "image_token", "<image>")
-            texts.append(f"USER: {(tag + chr(10)) * max(media_n, 1)}{task.prompt(s)} ASSISTANT:")
+        texts.append(_render(processor, task.modality, media_n, [prompt(s) if prompt else task.prompt(s)]))
         ok.append(s)
     if not ok:
         return None, ok, failed
@@ -245,8 +269,40 @@ class _FirstTokenClock:
         return scores
 
 
-def generate_timed(model, inputs, max_new_tokens: int):
-    """Greedy generate; returns (sequences, prefill_ms, decode_tokens_per_s, peak_mem_mb)."""
+def follow_up(model, processor, task, sample, inputs, first, max_new_tokens: int):
+    """Turn 2 of a conversation whose turn 1 (``inputs`` -> ``first``, a generate output with its cache) asked
+    ``FIRST_TURN``: the task's question as the next user turn, generated from turn 1's (pruned) cache, the
+    media not passed again. Returns (turn-1 answer, turn-2 new tokens, turn-2 ms, the conversation's ids)."""
+    import torch
+
+    ids1 = first.sequences
+    gen = ids1[0, inputs["input_ids"].shape[1] :]
+    answer = processor.batch_decode(gen[None], skip_special_tokens=True)[0].strip()
+    media_n = 0 if task.modality == "video" else len(sample.images or [])
+    text1 = _render(processor, task.modality, media_n, [FIRST_TURN[task.modality]])
+    text2 = _render(processor, task.modality, media_n, [FIRST_TURN[task.modality], answer, task.prompt(sample)])
+    # what the template adds after turn 1's prompt and answer; turn 1's own tokens stay as generated
+    cut = text2.find(answer, len(text1)) if answer else len(text1)
+    suffix = text2[cut + len(answer) :] if cut >= 0 else text2[len(text1) :]
+    tok = processor.tokenizer
+    extra = tok(suffix, add_special_tokens=False, return_tensors="pt")["input_ids"].to(ids1.device)
+    keep = ids1
+    pad = {tok.eos_token_id, tok.pad_token_id} - {None}
+    while keep.shape[1] > inputs["input_ids"].shape[1] and int(keep[0, -1]) in pad:  # its end token: the template's
+        keep = keep[:, :-1]
+    ids2 = torch.cat([keep, extra], 1)
+    kw = {k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_values_videos", "input_ids",
+                                                       "attention_mask", "mm_token_type_ids")}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), cache=first.past_key_values,
+                             max_new_tokens=max_new_tokens, do_sample=False, **kw)
+    return answer, out[:, ids2.shape[1] :], (time.perf_counter() - t0) * 1e3, ids2
+
+
+def generate_timed(model, inputs, max_new_tokens: int, return_cache: bool = False):
+    """Greedy generate; returns (sequences, prefill_ms, decode_tokens_per_s, peak_mem_mb); with ``return_cache``
+    the generate output (``.sequences``, ``.past_key_values``) instead of the sequences."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -258,11 +314,11 @@ def generate_timed(model, inputs, max_new_tokens: int):
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             logits_processor=LogitsProcessorList([clock]))
+                             logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=return_cache)
     sync()
     t1 = time.perf_counter()
     prefill_ms = (clock.t_first - t0) * 1e3 if clock.t_first else (t1 - t0) * 1e3
-    n_decode = (clock.calls - 1) * out.shape[0]
+    n_decode = (clock.calls - 1) * (out.sequences if return_cache else out).shape[0]
     decode_tps = n_decode / (t1 - clock.t_first) if clock.t_first and n_decode > 0 and t1 > clock.t_first else None
     return out, prefill_ms, decode_tps, peak_memory_mb(dev)
 
@@ -355,14 +411,22 @@ def run_eval(cfg: EvalConfig, model=None, processor=None) -> dict:
             for i in range(0, len(todo), cfg.batch_size):
                 batch = todo[i : i + cfg.batch_size]
                 torch.manual_seed(cfg.seed)
-                inputs, ok, failed = build_batch(processor, task, batch, cfg.num_frames, dev)
+                first_q = (lambda s: FIRST_TURN[task.modality]) if cfg.turns == 2 else None
+                inputs, ok, failed = build_batch(processor, task, batch, cfg.num_frames, dev, prompt=first_q)
                 for s, reason in failed:
                     log.append(make_record(key, s.id, prompt=task.prompt(s), answer=s.answer, error=reason))
                 if inputs is not None:
-                    seqs, prefill_ms, tps, mem = generate_timed(model, inputs, max_new)
-                    tr = mmprune.trace(model)
+                    turn = {}
+                    if cfg.turns == 2:  # turn 1 (timed: the pruned prefill), then the task's question from its cache
+                        first, prefill_ms, tps, mem = generate_timed(model, inputs, 32, return_cache=True)
+                        tr = mmprune.trace(model)
+                        turn["turn1"], new, turn["turn2_ms"], _ = follow_up(model, processor, task, ok[0], inputs, first, max_new)
+                        texts = processor.batch_decode(new, skip_special_tokens=True)
+                    else:
+                        seqs, prefill_ms, tps, mem = generate_timed(model, inputs, max_new)
+                        tr = mmprune.trace(model)
+                        texts = processor.batch_decode(seqs[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                     flops = per_sample_tflops(model, tr, inputs)
-                    texts = processor.batch_decode(seqs[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                     for j, (s, pred) in enumerate(zip(ok, texts)):
                         pred = pred.strip()
                         detail = task.score(s, pred)
@@ -374,6 +438,7 @@ def run_eval(cfg: EvalConfig, model=None, processor=None) -> dict:
                             prefill_tflops=flops[j], prefill_ms=prefill_ms,
                             decode_tokens_per_s=tps, peak_mem_mb=mem, batch_size=len(ok),
                             stages=[f"{st.policy}@{'pre' if st.layer is None else st.layer}" for st in tr.stages],
+                            **turn,
                         ))
                 bar.update(len(batch))
         finally:
@@ -414,6 +479,8 @@ def run_settings(cfg: EvalConfig, task) -> dict:
     }
     if task.modality == "video":
         out["frames"] = cfg.num_frames
+    if cfg.turns != 1:
+        out["turns"] = cfg.turns
     return out
 
 
