@@ -20,6 +20,7 @@ __all__ = [
     "unwrap",
     "disabled",
     "trace",
+    "save_config",
     "policies",
     "PruneConfig",
     "UnsupportedModelError",
@@ -33,7 +34,7 @@ from . import policies  # noqa: E402  (light: no torch import)
 
 
 def __getattr__(name):
-    if name in ("wrap", "unwrap", "disabled", "trace", "is_wrapped"):
+    if name in ("wrap", "unwrap", "disabled", "trace", "is_wrapped", "save_config"):
         from . import api
 
         return getattr(api, name)

@@ -63,7 +63,58 @@ def _check_layer(name, pol, layer_, n_layers) -> None:
             raise ValueError(f"layer {layer_} for policy {name!r} is outside [{lo}, {n_layers}) for this model")
 
 
-def wrap(model, policy, *, budget=None, layer=None, **options):
+SAVED_FILE = "mmprune.json"
+
+
+def _configs(policy, budget, layer, options) -> list[PruneConfig]:
+    """The wrap's stages as PruneConfigs (what ``mmprune.json`` stores)."""
+    if isinstance(policy, PruneConfig):
+        return [policy]
+    if isinstance(policy, (list, tuple)):
+        return list(policy)
+    return [PruneConfig(policy, 1.0 if budget is None else budget, layer, dict(options))]
+
+
+def save_config(model, directory) -> str:
+    """Write the wrap of ``model`` to ``directory/mmprune.json`` (a wrapped model's ``save_pretrained`` does);
+    ``mmprune.wrap(reloaded)`` with no policy restores it. Returns the file's path.
+
+    Example:
+        >>> # mmprune.wrap(model, "visionzip", budget=0.25); model.save_pretrained("ckpt")  # also ckpt/mmprune.json
+        >>> # reloaded = AutoModelForImageTextToText.from_pretrained("ckpt"); mmprune.wrap(reloaded)
+    """
+    import json
+    from pathlib import Path
+
+    engine = _engine(model)
+    stages = [{"policy": c.policy, "budget": c.budget, "layer": c.layer, "options": c.options}
+              for c in _configs(*engine.wrap_args)]
+    try:
+        text = json.dumps({"stages": stages}, indent=2)
+    except TypeError as e:
+        raise ValueError(f"the wrap's options cannot be saved as JSON ({e}); save_pretrained wrote the model only") from None
+    path = Path(directory) / SAVED_FILE
+    path.write_text(text + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _saved_configs(model) -> list[PruneConfig]:
+    import json
+    from pathlib import Path
+
+    where = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+    path = Path(str(where)) / SAVED_FILE
+    if not where or not path.is_file():
+        raise ValueError("wrap needs a policy: give one (see mmprune.policies()), or wrap a model loaded from a "
+                         f"folder that a wrapped model's save_pretrained wrote ({SAVED_FILE} beside the weights)")
+    try:
+        stages = json.loads(path.read_text(encoding="utf-8"))["stages"]
+        return [PruneConfig(st["policy"], st["budget"], st.get("layer"), dict(st.get("options") or {})) for st in stages]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid {SAVED_FILE} ({e})") from None
+
+
+def wrap(model, policy=None, *, budget=None, layer=None, **options):
     """Install token reduction on ``model`` in place and return it.
 
     ``policy`` is a registered name (see ``mmprune.policies()``), a ``PruneConfig``, or a list of them
@@ -72,6 +123,8 @@ def wrap(model, policy, *, budget=None, layer=None, **options):
     stage, int = the decoder layer where tokens are dropped. Wrapping a wrapped model replaces the wrap.
     ``copy.deepcopy`` of a wrapped model is a wrapped copy (its own hooks on its own modules); pickling one
     (``torch.save(model)``) raises: save the ``state_dict`` (or ``save_pretrained``), wrap again after loading.
+    ``save_pretrained`` of a wrapped model writes the unwrapped files plus ``mmprune.json``; ``policy=None``
+    wraps a model loaded from such a folder the way it was saved.
 
     Example:
         >>> import mmprune
@@ -82,6 +135,10 @@ def wrap(model, policy, *, budget=None, layer=None, **options):
     from .engine import Engine
 
     adapter = adapter_for(model)
+    if policy is None:
+        if budget is not None or layer is not None or options:
+            raise ValueError("budget / layer / options need a policy; give one, or none of them to restore mmprune.json")
+        policy = _saved_configs(model)
     stages = _stages(adapter, policy, budget, layer, options)
     unwrap(model)
     engine = Engine(model, adapter, stages)

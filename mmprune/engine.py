@@ -203,6 +203,22 @@ class Engine(SelectMixin, DecodeMixin):
         # copy would run the original's tower (or nothing); pickling would fail on the closures
         self._patch(m, "__deepcopy__", self._deepcopy)
         self._patch(m, "__reduce_ex__", self._refuse_pickle)
+        if hasattr(m, "save_pretrained"):
+            self._patch(m, "save_pretrained", self._wrap_save(m.save_pretrained))
+
+    def _wrap_save(self, fn):
+        """``save_pretrained``: the model's own files (hooks change no weight or config), plus ``mmprune.json``."""
+        import functools
+
+        @functools.wraps(fn)
+        def wrapped(save_directory, *args, **kwargs):
+            from .api import save_config
+
+            out = fn(save_directory, *args, **kwargs)
+            save_config(self.model, save_directory)
+            return out
+
+        return wrapped
 
     def _deepcopy(self, memo):
         """``copy.deepcopy(model)``: copy the model without this wrap, then wrap the copy the same way."""

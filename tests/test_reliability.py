@@ -284,13 +284,37 @@ def test_a_chat_continues_from_the_pruned_cache(family, policy):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_save_pretrained_of_a_wrapped_model_writes_the_unwrapped_files(family, tmp_path):
+def test_save_pretrained_of_a_wrapped_model_writes_the_unwrapped_files_and_mmprune_json(family, tmp_path):
     m = tiny_model(family)
     m.save_pretrained(tmp_path / "plain")
     mmprune.wrap(m, "visionzip", budget=0.3)
     m.save_pretrained(tmp_path / "wrapped")
     mmprune.unwrap(m)
     plain = sorted(p.name for p in (tmp_path / "plain").iterdir())
-    assert plain == sorted(p.name for p in (tmp_path / "wrapped").iterdir())
+    assert sorted(plain + ["mmprune.json"]) == sorted(p.name for p in (tmp_path / "wrapped").iterdir())
     for name in plain:
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "wrapped" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@torch.no_grad()
+def test_save_pretrained_writes_mmprune_json_and_wrap_restores_it(family, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    m = tiny_model(family)
+    x = make_inputs(m, LAYOUT[family], prompt_lens=[5, 3])
+    stages = [mmprune.PruneConfig("uniform", 0.5), mmprune.PruneConfig("fastv", 0.5, layer=2)]
+    mmprune.wrap(m, stages)
+    want, kept = m(**x).logits, [[k.tolist() for k in st.kept] for st in mmprune.trace(m).stages]
+    m.save_pretrained(tmp_path)
+    mmprune.unwrap(m)
+    assert (tmp_path / "mmprune.json").is_file()
+    back = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    mmprune.wrap(back)  # no policy: the saved one
+    assert torch.allclose(back(**x).logits, want, atol=1e-5)
+    assert [[k.tolist() for k in st.kept] for st in mmprune.trace(back).stages] == kept
+    mmprune.unwrap(back)
+    with pytest.raises(ValueError, match="budget / layer / options need a policy"):
+        mmprune.wrap(back, budget=0.5)
+    with pytest.raises(ValueError, match="wrap needs a policy"):
+        mmprune.wrap(tiny_model(family))
