@@ -302,7 +302,7 @@ def test_disabled_context_runs_unpruned():
         (dict(policy="uniform", budget=True), "budget must be"),
         (dict(policy="uniform", budget=float("nan")), "budget must be"),
         (dict(policy="nope", budget=0.5), re.escape(
-            "unknown policy 'nope'; known policies: aim, atp, cdpruner, cls_tail, dart, divprune, fastv, none, pool, "
+            "unknown policy 'nope'; known policies: aim, atp, cdpruner, cls_tail, dart, divprune, downsample, fastv, none, pool, "
             "prefusion, prumerge+, pyramiddrop, random, simignore, sparsevlm, temporal, todre, tome, uniform, "
             "visionzip, vtw")),
         (dict(policy="fastv", budget=0.5, layer=4), r"outside \[1, 4\)"),

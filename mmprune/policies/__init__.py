@@ -40,6 +40,8 @@ _REGISTRY: dict[str, str] = {
     "aim": "multistage:AIM",
     "todre": "multistage:ToDRE",
     "prefusion": "multistage:PreFusion",
+    # before the vision tower
+    "downsample": "downsample:Downsample",
 }
 
 

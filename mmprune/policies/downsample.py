@@ -1,0 +1,192 @@
+"""``downsample``: the image itself made smaller before the vision tower, so the tower emits about the budget's
+tokens (and costs less: the tower is half of Qwen2-VL's prefill on a GPU). VTC-Bench (2025) found plain
+downsampling beats many pruning methods; it is the baseline every reduction policy should be compared with.
+
+Dynamic-resolution towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): each image / video is resized on the processor's
+output (``mmprune.adapters.qwen_resize``: patches back to frames, bicubic with antialiasing, patches again;
+each side scaled by ``sqrt(budget)`` and rounded to the merge size; an int budget is tokens per item), and its
+placeholder run in ``input_ids`` shrinks to match, in ``generate`` and in a forward call alike. The model then
+runs unwrapped on that input (its own M-RoPE positions and cache); ``generate`` returns the caller's prompt
+followed by the new tokens; a forward call's logits cover the shortened prompt. The trace's ``n_visual`` is the
+original count, its stage keeps the new one.
+
+Fixed-resolution towers (LLaVA-1.5, LLaVA-NeXT tiles, LLaVA-OneVision): no smaller input exists for the tower,
+so the policy falls back to ``pool`` (grid pooling of the projected tokens to the budget), said in the trace.
+
+Example:
+    >>> from mmprune.adapters.qwen_resize import target_grid
+    >>> target_grid((1, 32, 48), 0.25, 2)  # a quarter of the tokens: each side halved
+    (1, 16, 24)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Plan, Policy, Tokens
+from .batch import BatchPlan, BatchTokens
+
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+class Downsample(Policy):
+    name = "downsample"
+    stages = ("pre",)
+    data_free = True
+    paper = "VTC-Bench baseline, 2025"
+    summary = "resize the image before the vision tower (Qwen-VL); else pool"
+
+    @classmethod
+    def option_defaults(cls):
+        return {"mode": "bicubic"}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.options["mode"] not in ("bicubic", "bilinear", "area", "nearest"):
+            raise ValueError(f"downsample mode must be bicubic, bilinear, area or nearest; got {self.options['mode']!r}")
+        self._pool = None  # the fallback of fixed-resolution towers
+
+    # -- the stage: identity where the input was resized, pooling elsewhere
+    def select(self, tokens: Tokens) -> Plan:
+        if self._pool is not None:
+            return self._pool.select(tokens)
+        return Plan(keep=torch.arange(tokens.n))
+
+    def select_batch(self, bt: BatchTokens) -> BatchPlan | None:
+        if self._pool is not None:
+            return self._pool.select_batch(bt)
+        return None  # data-free identity: the engine's cached plan
+
+    def install_encoder(self, engine) -> None:
+        if engine.adapter.family not in QWEN:
+            from .merging import Pool
+
+            self._pool = Pool()
+            engine.notes.append(f"downsample: the {engine.adapter.family} tower has a fixed resolution; pooled instead")
+            return
+        stage = next(s for s in engine.stages if s.policy is self)
+        _install_resize(engine, stage.config.budget, self.options["mode"])
+
+
+def downsample_inputs(model, kwargs: dict, budget, mode: str = "bicubic"):
+    """Qwen-VL inputs with every image / video resized to about ``budget`` of its tokens: ``(new kwargs,
+    original per-sample visual counts)``, or None when there is nothing to resize. Reads ``input_ids`` and the
+    grids on the host (one copy each: this policy changes shapes, so it cannot stay on the device)."""
+    from ..adapters.qwen_resize import resize_items
+
+    cfg, ids = model.config, kwargs.get("input_ids")
+    mods = [(m, kwargs.get(f"pixel_values{'' if m == 'image' else '_videos'}"), kwargs.get(f"{m}_grid_thw"))
+            for m in ("image", "video")]
+    mods = [(m, pv, g) for m, pv, g in mods if pv is not None and g is not None]
+    if ids is None or not mods:
+        return None
+    merge = cfg.vision_config.spatial_merge_size
+    new = dict(kwargs)
+    token_ids, new_counts = {}, {}
+    for m, pv, grid in mods:
+        grids = [tuple(int(v) for v in g) for g in grid.tolist()]
+        counts = [t * h * w // merge**2 for t, h, w in grids]
+        fractions = [budget if isinstance(budget, float) else min(1.0, budget / max(n, 1)) for n in counts]
+        pixels, grids2 = resize_items(pv, grids, fractions, cfg.vision_config, mode)
+        new[f"pixel_values{'' if m == 'image' else '_videos'}"] = pixels
+        new[f"{m}_grid_thw"] = torch.tensor(grids2, dtype=grid.dtype, device=grid.device)
+        token_ids[m] = int(getattr(cfg, f"{m}_token_id"))
+        new_counts[m] = [t * h * w // merge**2 for t, h, w in grids2]
+    host = ids.cpu()
+    mask = kwargs.get("attention_mask")
+    host_mask = mask.cpu().bool() if mask is not None else torch.ones_like(host, dtype=torch.bool)
+    which = {v: k for k, v in token_ids.items()}
+    nxt = {m: iter(c) for m, c in new_counts.items()}
+    rows, originals = [], []
+    for b in range(host.shape[0]):
+        seq = host[b][host_mask[b]].tolist()
+        out, i, n_vis = [], 0, 0
+        while i < len(seq):
+            tok = seq[i]
+            if tok in which:
+                j = i
+                while j < len(seq) and seq[j] == tok:
+                    j += 1
+                n_vis += j - i
+                out.extend([tok] * next(nxt[which[tok]]))
+                i = j
+            else:
+                out.append(tok)
+                i += 1
+        rows.append(out)
+        originals.append(n_vis)
+    width = max(len(r) for r in rows)
+    pad = cfg.get_text_config().pad_token_id or 0
+    new_ids = torch.full((len(rows), width), pad, dtype=ids.dtype)
+    new_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):  # left padding, as generation needs
+        new_ids[b, width - len(r) :] = torch.tensor(r, dtype=ids.dtype)
+        new_mask[b, width - len(r) :] = 1
+    new["input_ids"] = new_ids.to(ids.device)
+    new["attention_mask"] = new_mask.to(ids.device)
+    if kwargs.get("mm_token_type_ids") is not None:
+        kinds = torch.zeros_like(new_ids)
+        for m, code in (("image", 1), ("video", 2)):
+            if m in token_ids:
+                kinds[new_ids == token_ids[m]] = code
+        new["mm_token_type_ids"] = kinds.to(kwargs["mm_token_type_ids"].device, kwargs["mm_token_type_ids"].dtype)
+    new.pop("position_ids", None)  # the model derives them from the new grids
+    return new, originals
+
+
+def _install_resize(engine, budget, mode: str) -> None:
+    import functools
+
+    model, inside = engine.model, {"on": False}
+
+    def note_counts(originals):
+        trace = engine.last_trace
+        if trace is not None and trace.stages:
+            trace.n_visual = list(originals)
+            trace.stages[0].n_before = list(originals)
+
+    def pre(module, args, kwargs):  # a forward call outside generate
+        if inside["on"] or not engine.enabled or args:
+            return None
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None and cache.get_seq_length() > 0:
+            return None
+        got = downsample_inputs(model, kwargs, budget, mode)
+        if got is None:
+            return None
+        inside["originals"] = got[1]
+        return args, got[0]
+
+    def post(module, args, output):  # the trace of that forward call: the original counts in
+        originals = inside.pop("originals", None)
+        if originals is not None:
+            note_counts(originals)
+        return None
+
+    original_generate = model.generate
+
+    @functools.wraps(original_generate)
+    def generate(*args, **kwargs):
+        if not engine.enabled:
+            return original_generate(*args, **kwargs)
+        if args:
+            kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
+        got = downsample_inputs(model, kwargs, budget, mode)
+        if got is None:
+            return original_generate(*args, **kwargs)
+        new, originals = got
+        inside["on"] = True
+        try:
+            out = original_generate(*args, **new)
+        finally:
+            inside["on"] = False
+        note_counts(originals)
+        prompt, width = kwargs["input_ids"], new["input_ids"].shape[1]
+        if isinstance(out, torch.Tensor):
+            return torch.cat([prompt, out[:, width:]], 1)
+        out.sequences = torch.cat([prompt, out.sequences[:, width:]], 1)
+        return out
+
+    engine.handles.append(model.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+    engine.handles.append(model.register_forward_hook(post))
+    engine._patch(model, "generate", generate)

@@ -1,0 +1,93 @@
+"""Issue 25, part 4: ``downsample`` resizes the image before the vision tower (Qwen-VL) — exactly the unwrapped
+model on the resized input — and pools where the tower's resolution is fixed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmprune
+from mmprune.adapters.qwen_resize import patchify, target_grid, unpatchify
+from mmprune.policies.downsample import downsample_inputs
+from mmprune.testing import make_inputs, tiny_model
+
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+@pytest.mark.parametrize("grid", [(1, 4, 6), (2, 6, 4), (1, 2, 2), (3, 8, 10)])
+def test_patches_round_trip(grid):
+    x = torch.randn(grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14)
+    frames = unpatchify(x, grid, 3, 2, 14, 2)
+    assert frames.shape == (grid[0] * 2, 3, grid[1] * 14, grid[2] * 14)
+    assert torch.equal(patchify(frames, 2, 14, 2), x)
+
+
+def test_target_grid_keeps_the_merge_size_and_about_the_fraction():
+    assert target_grid((1, 32, 48), 0.25, 2) == (1, 16, 24)
+    assert target_grid((1, 32, 48), 1.0, 2) == (1, 32, 48)
+    assert target_grid((1, 4, 4), 0.01, 2) == (1, 2, 2)  # never below one merged token
+
+
+@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("budget", [0.25, 0.5, 2])
+@torch.no_grad()
+def test_generate_is_the_unwrapped_model_on_the_resized_input(family, budget):
+    m = tiny_model(family)
+    x = make_inputs(m, [[1], [2, 1]], prompt_lens=[5, 3])
+    new, originals = downsample_inputs(m, x, budget)
+    want = m.generate(**new, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    mmprune.wrap(m, "downsample", budget=budget)
+    got = m.generate(**x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    tr = mmprune.trace(m)
+    logits = m(**x).logits
+    mmprune.unwrap(m)
+    assert torch.equal(got[:, : x["input_ids"].shape[1]], x["input_ids"])  # the caller's prompt comes back
+    assert torch.equal(got[:, x["input_ids"].shape[1] :], want[:, new["input_ids"].shape[1] :])
+    n_new = (new["input_ids"] == m.config.image_token_id).sum(1).tolist()
+    assert tr.n_visual == originals == (x["input_ids"] == m.config.image_token_id).sum(1).tolist()
+    assert tr.visual_tokens_kept == n_new and all(k < n for k, n in zip(n_new, originals))
+    if isinstance(budget, int):  # tokens per item: at most about the budget each
+        assert all(k <= 2 * budget * 2 for k in n_new)
+    assert torch.allclose(logits, m(**new).logits, atol=1e-5)  # a forward call sees the shortened prompt
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@torch.no_grad()
+def test_videos_are_resized_frame_by_frame(family):
+    m = tiny_model(family)
+    x = make_inputs(m, [[1]], prompt_lens=[4], video=True)
+    new, originals = downsample_inputs(m, x, 0.25)
+    t, h, w = x["video_grid_thw"][0].tolist()
+    assert new["video_grid_thw"][0].tolist() == list(target_grid((t, h, w), 0.25, 2))
+    want = m.generate(**new, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    mmprune.wrap(m, "downsample", budget=0.25)
+    got = m.generate(**x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    mmprune.unwrap(m)
+    assert torch.equal(got[:, x["input_ids"].shape[1] :], want[:, new["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize("family", QWEN)
+@torch.no_grad()
+def test_budget_one_is_the_unwrapped_model(family):
+    m = tiny_model(family)
+    x = make_inputs(m, [[1], [2]], prompt_lens=[5, 3])
+    want = m.generate(**x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    mmprune.wrap(m, "downsample", budget=1.0)
+    got = m.generate(**x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    mmprune.unwrap(m)
+    assert torch.equal(got, want)
+
+
+@torch.no_grad()
+def test_fixed_resolution_towers_pool_and_say_so():
+    m = tiny_model("llava")
+    x = make_inputs(m, [[1], [1]], prompt_lens=[5, 3])
+    mmprune.wrap(m, "pool", budget=0.25)
+    m(**x)
+    pooled = [k.tolist() for k in mmprune.trace(m).stages[0].kept]
+    mmprune.wrap(m, "downsample", budget=0.25)
+    m(**x)
+    tr = mmprune.trace(m)
+    mmprune.unwrap(m)
+    assert [k.tolist() for k in tr.stages[0].kept] == pooled
+    assert any("fixed resolution; pooled instead" in n for n in tr.notes)
