@@ -67,6 +67,8 @@ def run_setup(model_name: str, task: str, policies: list[str], budgets: list[flo
         r for r in load_results(out)["runs"]
         if r.get("model") == model_name and r.get("task") == task and (r["policy"], r["budget"]) in wanted
     ]  # fmt: skip
+    # one run per (policy, budget): the newest (a changed run key, e.g. new settings, leaves the old run beside it)
+    runs = list({(r["policy"], r["budget"]): r for r in runs}.values())
     if not any(r["policy"] == "none" for r in runs):
         raise SystemExit(f"{out}: no unpruned run of {model_name} on {task} (run without --collect first)")
     write_report(out, runs)
