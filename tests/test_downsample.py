@@ -78,16 +78,54 @@ def test_budget_one_is_the_unwrapped_model(family):
     assert torch.equal(got, want)
 
 
+def _pool_then_downsample(m, x):
+    """The kept sets of ``pool`` and of ``downsample`` on the same images (``m`` left wrapped with downsample)."""
+    kept = []
+    for policy in ("pool", "downsample"):
+        mmprune.wrap(m, policy, budget=0.25)
+        m(**x)
+        kept.append([k.tolist() for k in mmprune.trace(m).stages[0].kept])
+    return kept
+
+
 @torch.no_grad()
 def test_fixed_resolution_towers_pool_and_say_so():
     m = tiny_model("llava")
-    x = make_inputs(m, [[1], [1]], prompt_lens=[5, 3])
-    mmprune.wrap(m, "pool", budget=0.25)
-    m(**x)
-    pooled = [k.tolist() for k in mmprune.trace(m).stages[0].kept]
-    mmprune.wrap(m, "downsample", budget=0.25)
-    m(**x)
+    pooled, kept = _pool_then_downsample(m, make_inputs(m, [[1], [1]], prompt_lens=[5, 3]))
     tr = mmprune.trace(m)
     mmprune.unwrap(m)
-    assert [k.tolist() for k in tr.stages[0].kept] == pooled
+    assert kept == pooled
     assert any("fixed resolution; pooled instead" in n for n in tr.notes)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25, 4])
+@torch.no_grad()
+def test_onevision_videos_keep_fewer_frames(budget):
+    from mmprune.policies.downsample import fewer_frames
+
+    m = tiny_model("llava_onevision")
+    x = make_inputs(m, [[1], [1]], prompt_lens=[4, 3], video=True)  # two 2-frame videos
+    new, originals = fewer_frames(m, x, budget)
+    assert new["pixel_values_videos"].shape[1] == 1 < x["pixel_values_videos"].shape[1]
+    want = m.generate(**new, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    mmprune.wrap(m, "downsample", budget=budget)
+    got = m.generate(**x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    tr = mmprune.trace(m)
+    mmprune.unwrap(m)
+    assert torch.equal(got[:, x["input_ids"].shape[1] :], want[:, new["input_ids"].shape[1] :])
+    assert tr.n_visual == originals and all(k < n for k, n in zip(tr.visual_tokens_kept, originals))
+    assert any("fewer frames" in n for n in tr.notes)
+
+
+@torch.no_grad()
+def test_onevision_images_are_pooled_and_videos_kept_whole_by_the_stage():
+    """A OneVision image goes through pool (its tower's resolution is fixed); the stage leaves the videos'
+    (already fewer) frames alone."""
+    m = tiny_model("llava_onevision")
+    pooled, images = _pool_then_downsample(m, make_inputs(m, [[1], [1]], prompt_lens=[5, 3]))
+    v = make_inputs(m, [[1]], prompt_lens=[4], video=True)
+    m(**v)
+    tr = mmprune.trace(m)
+    mmprune.unwrap(m)
+    assert images == pooled
+    assert tr.visual_tokens_kept[0] == tr.stages[0].n_after[0] and tr.stages[0].kept[0].tolist() == list(range(5))

@@ -10,8 +10,11 @@ runs unwrapped on that input (its own M-RoPE positions and cache); ``generate`` 
 followed by the new tokens; a forward call's logits cover the shortened prompt. The trace's ``n_visual`` is the
 original count, its stage keeps the new one.
 
-Fixed-resolution towers (LLaVA-1.5, LLaVA-NeXT tiles, LLaVA-OneVision): no smaller input exists for the tower,
-so the policy falls back to ``pool`` (grid pooling of the projected tokens to the budget), said in the trace.
+LLaVA-OneVision videos: the tower's resolution is fixed, so a video keeps fewer frames instead (evenly spaced,
+``round(frames * budget)``, at least one), its placeholder run shrinking to match; its images are pooled.
+Fixed-resolution towers otherwise (LLaVA-1.5, LLaVA-NeXT tiles, OneVision images): no smaller input exists for
+the tower, so the policy falls back to ``pool`` (grid pooling of the projected tokens to the budget), said in
+the trace.
 
 Example:
     >>> from mmprune.adapters.qwen_resize import target_grid
@@ -20,6 +23,9 @@ Example:
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 
@@ -45,27 +51,41 @@ class Downsample(Policy):
         if self.options["mode"] not in ("bicubic", "bilinear", "area", "nearest"):
             raise ValueError(f"downsample mode must be bicubic, bilinear, area or nearest; got {self.options['mode']!r}")
         self._pool = None  # the fallback of fixed-resolution towers
+        self._videos_done = False  # OneVision: videos already have fewer frames; pool only the images
 
     # -- the stage: identity where the input was resized, pooling elsewhere
     def select(self, tokens: Tokens) -> Plan:
         if self._pool is not None:
+            if self._videos_done:  # a segment with a frame grid is a video: its budget is everything it has
+                budgets = [n if g is not None else b for n, b, g in zip(tokens.segments, tokens.budgets, tokens.grids)]
+                tokens = dataclasses.replace(tokens, budgets=budgets)
             return self._pool.select(tokens)
         return Plan(keep=torch.arange(tokens.n))
 
     def select_batch(self, bt: BatchTokens) -> BatchPlan | None:
         if self._pool is not None:
+            if self._videos_done:
+                budgets = [[n if g is not None else b for n, b, g in zip(cs, bs, list(gs) + [None] * len(cs))]
+                           for cs, bs, gs in zip(bt.counts, bt.budgets, bt.grids)]
+                bt = dataclasses.replace(bt, budgets=budgets)
             return self._pool.select_batch(bt)
         return None  # data-free identity: the engine's cached plan
 
     def install_encoder(self, engine) -> None:
-        if engine.adapter.family not in QWEN:
-            from .merging import Pool
-
-            self._pool = Pool()
-            engine.notes.append(f"downsample: the {engine.adapter.family} tower has a fixed resolution; pooled instead")
-            return
         stage = next(s for s in engine.stages if s.policy is self)
-        _install_resize(engine, stage.config.budget, self.options["mode"])
+        budget, mode = stage.config.budget, self.options["mode"]
+        if engine.adapter.family in QWEN:
+            _install_rewrite(engine, lambda model, kw: downsample_inputs(model, kw, budget, mode))
+            return
+        from .merging import Pool
+
+        self._pool = Pool()
+        if engine.adapter.family == "llava_onevision":
+            self._videos_done = True
+            _install_rewrite(engine, lambda model, kw: fewer_frames(model, kw, budget))
+            engine.notes.append("downsample: OneVision videos keep fewer frames; its images are pooled (fixed-resolution tower)")
+            return
+        engine.notes.append(f"downsample: the {engine.adapter.family} tower has a fixed resolution; pooled instead")
 
 
 def downsample_inputs(model, kwargs: dict, budget, mode: str = "bicubic"):
@@ -92,38 +112,8 @@ def downsample_inputs(model, kwargs: dict, budget, mode: str = "bicubic"):
         new[f"{m}_grid_thw"] = torch.tensor(grids2, dtype=grid.dtype, device=grid.device)
         token_ids[m] = int(getattr(cfg, f"{m}_token_id"))
         new_counts[m] = [t * h * w // merge**2 for t, h, w in grids2]
-    host = ids.cpu()
-    mask = kwargs.get("attention_mask")
-    host_mask = mask.cpu().bool() if mask is not None else torch.ones_like(host, dtype=torch.bool)
-    which = {v: k for k, v in token_ids.items()}
-    nxt = {m: iter(c) for m, c in new_counts.items()}
-    rows, originals = [], []
-    for b in range(host.shape[0]):
-        seq = host[b][host_mask[b]].tolist()
-        out, i, n_vis = [], 0, 0
-        while i < len(seq):
-            tok = seq[i]
-            if tok in which:
-                j = i
-                while j < len(seq) and seq[j] == tok:
-                    j += 1
-                n_vis += j - i
-                out.extend([tok] * next(nxt[which[tok]]))
-                i = j
-            else:
-                out.append(tok)
-                i += 1
-        rows.append(out)
-        originals.append(n_vis)
-    width = max(len(r) for r in rows)
-    pad = cfg.get_text_config().pad_token_id or 0
-    new_ids = torch.full((len(rows), width), pad, dtype=ids.dtype)
-    new_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):  # left padding, as generation needs
-        new_ids[b, width - len(r) :] = torch.tensor(r, dtype=ids.dtype)
-        new_mask[b, width - len(r) :] = 1
-    new["input_ids"] = new_ids.to(ids.device)
-    new["attention_mask"] = new_mask.to(ids.device)
+    new["input_ids"], new["attention_mask"], originals = _shrink_runs(model, kwargs, token_ids, new_counts)
+    new_ids = new["input_ids"].cpu()
     if kwargs.get("mm_token_type_ids") is not None:
         kinds = torch.zeros_like(new_ids)
         for m, code in (("image", 1), ("video", 2)):
@@ -134,7 +124,66 @@ def downsample_inputs(model, kwargs: dict, budget, mode: str = "bicubic"):
     return new, originals
 
 
-def _install_resize(engine, budget, mode: str) -> None:
+def _shrink_runs(model, kwargs: dict, token_ids: dict, new_counts: dict):
+    """``input_ids`` (left padded) with every item's placeholder run replaced by its new count, items taken in
+    order per modality: ``(new input_ids, new attention_mask, original per-sample visual counts)``."""
+    ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+    host = ids.cpu()
+    host_mask = mask.cpu().bool() if mask is not None else torch.ones_like(host, dtype=torch.bool)
+    which = {v: k for k, v in token_ids.items()}
+    nxt = {m: iter(c) for m, c in new_counts.items()}
+    visual = set(int(getattr(model.config, f"{m}_token_id")) for m in ("image", "video")
+                 if getattr(model.config, f"{m}_token_id", None) is not None)
+    rows, originals = [], []
+    for b in range(host.shape[0]):
+        seq = host[b][host_mask[b]].tolist()
+        out, i, n_vis = [], 0, 0
+        while i < len(seq):
+            tok, j = seq[i], i + 1
+            while j < len(seq) and seq[j] == tok and tok in which:
+                j += 1
+            if tok in visual:
+                n_vis += j - i
+            out.extend([tok] * next(nxt[which[tok]]) if tok in which else seq[i:j])
+            i = j
+        rows.append(out)
+        originals.append(n_vis)
+    width = max(len(r) for r in rows)
+    pad = model.config.get_text_config().pad_token_id or 0
+    new_ids = torch.full((len(rows), width), pad, dtype=ids.dtype)
+    new_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):  # left padding, as generation needs
+        new_ids[b, width - len(r) :] = torch.tensor(r, dtype=ids.dtype)
+        new_mask[b, width - len(r) :] = 1
+    return new_ids.to(ids.device), new_mask.to(ids.device), originals
+
+
+def fewer_frames(model, kwargs: dict, budget):
+    """LLaVA-OneVision inputs whose videos keep about ``budget`` of their frames (evenly spaced, at least one):
+    ``(new kwargs, original per-sample visual counts)``, or None without videos."""
+    pv, ids = kwargs.get("pixel_values_videos"), kwargs.get("input_ids")
+    if pv is None or ids is None or pv.dim() != 5:
+        return None
+    frames = pv.shape[1]
+    vc = model.config.vision_config
+    side = math.ceil((vc.image_size // vc.patch_size) / 2)  # the 2x2-pooled frame grid
+    per_video = frames * side * side + 1  # + the newline token after the frames
+    keep = max(1, round(frames * budget)) if isinstance(budget, float) else max(1, min(frames, budget // (side * side)))
+    idx = ((torch.arange(keep, dtype=torch.float64) + 0.5) * frames / keep).floor().long().clamp(max=frames - 1)
+    new = dict(kwargs)
+    new["pixel_values_videos"] = pv[:, idx.to(pv.device)]
+    n_videos = pv.shape[0]
+    token = int(model.config.video_token_id)
+    new["input_ids"], new["attention_mask"], originals = _shrink_runs(
+        model, kwargs, {"video": token}, {"video": [keep * side * side + 1] * n_videos})
+    if int((ids == token).sum()) != per_video * n_videos:
+        raise ValueError(f"downsample: {int((ids == token).sum())} video placeholders for {n_videos} video(s) of "
+                         f"{frames} frames ({per_video} expected each); cannot drop frames")
+    new.pop("position_ids", None)
+    return new, originals
+
+
+def _install_rewrite(engine, rewrite) -> None:
     import functools
 
     model, inside = engine.model, {"on": False}
@@ -151,7 +200,7 @@ def _install_resize(engine, budget, mode: str) -> None:
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         if cache is not None and cache.get_seq_length() > 0:
             return None
-        got = downsample_inputs(model, kwargs, budget, mode)
+        got = rewrite(model, kwargs)
         if got is None:
             return None
         inside["originals"] = got[1]
@@ -171,7 +220,7 @@ def _install_resize(engine, budget, mode: str) -> None:
             return original_generate(*args, **kwargs)
         if args:
             kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
-        got = downsample_inputs(model, kwargs, budget, mode)
+        got = rewrite(model, kwargs)
         if got is None:
             return original_generate(*args, **kwargs)
         new, originals = got
