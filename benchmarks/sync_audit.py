@@ -4,7 +4,7 @@ Counts the ops that would stall a GPU (``mmprune.syncs``: nonzero, .item(), bool
 .cpu(), ...) on tiny CPU models, as ``wrapped - unwrapped`` on identical inputs, so transformers' own
 syncs are not charged to mmprune. The GPU-native issue's target is 0 for fixed-budget policies.
 
-    python benchmarks/sync_audit.py                      # all policies, llava + qwen2_vl, batch 1 and 3
+    python benchmarks/sync_audit.py                      # all policies, llava + qwen2_vl (+ videos), batch 1 and 3
     python benchmarks/sync_audit.py --policies uniform --where   # and the mmprune lines they come from
 
 Writes ``benchmarks/results/sync_audit.{md,json}`` unless ``--no-write``.
@@ -36,8 +36,9 @@ def audit(family: str, policy: str, batch: int, budget: float = 0.25, new_tokens
     from mmprune.syncs import count_syncs
     from mmprune.testing import make_inputs, tiny_model
 
+    family, _, kind = family.partition(":")  # "qwen2_vl:video": the same samples with videos instead of images
     model = tiny_model(family)
-    inputs = make_inputs(model, SAMPLES[batch], prompt_lens=PROMPTS[batch])
+    inputs = make_inputs(model, SAMPLES[batch], prompt_lens=PROMPTS[batch], video=kind == "video")
     gen = dict(do_sample=False, pad_token_id=0)
 
     def measure():
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     from mmprune.policies import policies as registered
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--families", default="llava,qwen2_vl")
+    ap.add_argument("--families", default="llava,qwen2_vl,qwen2_vl:video", help="family[:video],...")
     ap.add_argument("--policies", default="all")
     ap.add_argument("--batches", default="1,3")
     ap.add_argument("--budget", type=float, default=0.25)

@@ -8,7 +8,8 @@ each side scaled by ``sqrt(budget)`` and rounded to the merge size; an int budge
 placeholder run in ``input_ids`` shrinks to match, in ``generate`` and in a forward call alike. The model then
 runs unwrapped on that input (its own M-RoPE positions and cache); ``generate`` returns the caller's prompt
 followed by the new tokens; a forward call's logits cover the shortened prompt. The trace's ``n_visual`` is the
-original count, its stage keeps the new one.
+original count, its stage keeps the new one. It reads the prompt's ids, its mask and the grids on the host once
+per call (three reads: the input's shapes change, so this cannot stay on the device).
 
 LLaVA-OneVision videos: the tower's resolution is fixed, so a video keeps fewer frames instead (evenly spaced,
 ``round(frames * budget)``, at least one), its placeholder run shrinking to match; its images are pooled.
@@ -104,7 +105,7 @@ def downsample_inputs(model, kwargs: dict, budget, mode: str = "bicubic"):
     new = dict(kwargs)
     token_ids, new_counts = {}, {}
     for m, pv, grid in mods:
-        grids = [tuple(int(v) for v in g) for g in grid.tolist()]
+        grids = [tuple(int(v) for v in g) for g in grid.tolist()]  # a read: the items' grids
         counts = [t * h * w // merge**2 for t, h, w in grids]
         fractions = [budget if isinstance(budget, float) else min(1.0, budget / max(n, 1)) for n in counts]
         pixels, grids2 = resize_items(pv, grids, fractions, cfg.vision_config, mode)
@@ -113,13 +114,12 @@ def downsample_inputs(model, kwargs: dict, budget, mode: str = "bicubic"):
         token_ids[m] = int(getattr(cfg, f"{m}_token_id"))
         new_counts[m] = [t * h * w // merge**2 for t, h, w in grids2]
     new["input_ids"], new["attention_mask"], originals = _shrink_runs(model, kwargs, token_ids, new_counts)
-    new_ids = new["input_ids"].cpu()
-    if kwargs.get("mm_token_type_ids") is not None:
-        kinds = torch.zeros_like(new_ids)
+    if kwargs.get("mm_token_type_ids") is not None:  # 1 image, 2 video, 0 text (the processor's codes)
+        kinds = torch.zeros_like(new["input_ids"])
         for m, code in (("image", 1), ("video", 2)):
             if m in token_ids:
-                kinds[new_ids == token_ids[m]] = code
-        new["mm_token_type_ids"] = kinds.to(kwargs["mm_token_type_ids"].device, kwargs["mm_token_type_ids"].dtype)
+                kinds = torch.where(new["input_ids"] == token_ids[m], code, kinds)
+        new["mm_token_type_ids"] = kinds.to(kwargs["mm_token_type_ids"].dtype)
     new.pop("position_ids", None)  # the model derives them from the new grids
     return new, originals
 
@@ -127,9 +127,18 @@ def downsample_inputs(model, kwargs: dict, budget, mode: str = "bicubic"):
 def _shrink_runs(model, kwargs: dict, token_ids: dict, new_counts: dict):
     """``input_ids`` (left padded) with every item's placeholder run replaced by its new count, items taken in
     order per modality: ``(new input_ids, new attention_mask, original per-sample visual counts)``."""
+    from ..syncs import host_side
+
     ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
-    host = ids.cpu()
-    host_mask = mask.cpu().bool() if mask is not None else torch.ones_like(host, dtype=torch.bool)
+    host = ids.cpu()  # the reads: the prompt's ids and mask, once (then host work only)
+    host_mask = mask.cpu().bool() if mask is not None else None
+    with host_side():
+        return _shrink_host(model, ids, host, host_mask, token_ids, new_counts)
+
+
+def _shrink_host(model, ids, host, host_mask, token_ids: dict, new_counts: dict):
+    if host_mask is None:
+        host_mask = torch.ones_like(host, dtype=torch.bool)
     which = {v: k for k, v in token_ids.items()}
     nxt = {m: iter(c) for m, c in new_counts.items()}
     visual = set(int(getattr(model.config, f"{m}_token_id")) for m in ("image", "video")
