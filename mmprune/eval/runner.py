@@ -220,6 +220,7 @@ def _render(processor, modality: str, media_n: int, turns: list[str]) -> str:
 # The first turn of ``--turns 2``: a generic question, so the follow-up (the task's question) is answered from a
 # cache pruned for another question (LLMC+ found token reduction collapses there).
 FIRST_TURN = {"image": "Describe the image in one sentence.", "video": "Describe the video in one sentence."}
+FIRST_TURN_TOKENS = 32  # a sentence; its answer is context, not scored
 
 
 def build_batch(processor, task, samples, num_frames: int, device, prompt=None):
@@ -278,7 +279,7 @@ def follow_up(model, processor, task, sample, inputs, first, max_new_tokens: int
     ids1 = first.sequences
     gen = ids1[0, inputs["input_ids"].shape[1] :]
     answer = processor.batch_decode(gen[None], skip_special_tokens=True)[0].strip()
-    media_n = 0 if task.modality == "video" else len(sample.images or [])
+    media_n = 0 if task.modality == "video" else len(sample.image_refs or [])
     text1 = _render(processor, task.modality, media_n, [FIRST_TURN[task.modality]])
     text2 = _render(processor, task.modality, media_n, [FIRST_TURN[task.modality], answer, task.prompt(sample)])
     # what the template adds after turn 1's prompt and answer; turn 1's own tokens stay as generated
@@ -418,7 +419,7 @@ def run_eval(cfg: EvalConfig, model=None, processor=None) -> dict:
                 if inputs is not None:
                     turn = {}
                     if cfg.turns == 2:  # turn 1 (timed: the pruned prefill), then the task's question from its cache
-                        first, prefill_ms, tps, mem = generate_timed(model, inputs, 32, return_cache=True)
+                        first, prefill_ms, tps, mem = generate_timed(model, inputs, FIRST_TURN_TOKENS, return_cache=True)
                         tr = mmprune.trace(model)
                         turn["turn1"], new, turn["turn2_ms"], _ = follow_up(model, processor, task, ok[0], inputs, first, max_new)
                         texts = processor.batch_decode(new, skip_special_tokens=True)
