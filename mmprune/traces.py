@@ -70,6 +70,8 @@ class Trace:
     layer_tokens: list[list[int]] = field(default_factory=list)
     signal_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # the pixel inputs the vision tower ran on when a policy changed them (``downsample``), for its FLOPs
+    tower_inputs: dict | None = None
 
     def __getattribute__(self, name):
         if name == "layer_tokens":  # recorded as device tensors [B]; host lists once read (see StageTrace)

@@ -129,3 +129,24 @@ def test_onevision_images_are_pooled_and_videos_kept_whole_by_the_stage():
     mmprune.unwrap(m)
     assert images == pooled
     assert tr.visual_tokens_kept[0] == tr.stages[0].n_after[0] and tr.stages[0].kept[0].tolist() == list(range(5))
+
+
+@torch.no_grad()
+def test_flops_count_the_tower_on_the_resized_input():
+    from mmprune.efficiency import prefill_flops
+    from mmprune.eval.runner import per_sample_tflops
+
+    m = tiny_model("qwen2_vl")
+    x = make_inputs(m, [[2]], prompt_lens=[5])
+    new, _ = downsample_inputs(m, x, 0.25)
+    mmprune.wrap(m, "downsample", budget=0.25)
+    m(**x)
+    tr = mmprune.trace(m)
+    mmprune.unwrap(m)
+    assert tr.tower_inputs["image_grid_thw"].tolist() == new["image_grid_thw"].tolist()
+    full_tower = prefill_flops(m, [[0]] * len(tr.layer_tokens), x, logits_positions=0)
+    small_tower = prefill_flops(m, [[0]] * len(tr.layer_tokens), new, logits_positions=0)
+    assert small_tower.vision < full_tower.vision
+    got = per_sample_tflops(m, tr, x)[0]
+    want = (prefill_flops(m, [[layer[0]] for layer in tr.layer_tokens]).total + small_tower.vision + small_tower.projector) / 1e12
+    assert got == pytest.approx(want)

@@ -352,7 +352,8 @@ def per_sample_tflops(model, trace, inputs) -> list[float]:
     from ..efficiency import prefill_flops
 
     b = len(trace.n_visual)
-    shared = prefill_flops(model, [[0] * b] * len(trace.layer_tokens), inputs, logits_positions=0)
+    tower = {**inputs, **(trace.tower_inputs or {})}  # what the tower saw (downsample resizes it)
+    shared = prefill_flops(model, [[0] * b] * len(trace.layer_tokens), tower, logits_positions=0)
     vision = (shared.vision + shared.projector) / max(b, 1)
     out = []
     for j in range(b):

@@ -197,11 +197,12 @@ def _install_rewrite(engine, rewrite) -> None:
 
     model, inside = engine.model, {"on": False}
 
-    def note_counts(originals):
+    def note_counts(originals, new):
         trace = engine.last_trace
         if trace is not None and trace.stages:
             trace.n_visual = list(originals)
             trace.stages[0].n_before = list(originals)
+            trace.tower_inputs = {k: v for k, v in new.items() if k.startswith("pixel_values") or k.endswith("_thw")}
 
     def pre(module, args, kwargs):  # a forward call outside generate
         if inside["on"] or not engine.enabled or args:
@@ -212,13 +213,13 @@ def _install_rewrite(engine, rewrite) -> None:
         got = rewrite(model, kwargs)
         if got is None:
             return None
-        inside["originals"] = got[1]
+        inside["originals"] = got
         return args, got[0]
 
     def post(module, args, output):  # the trace of that forward call: the original counts in
-        originals = inside.pop("originals", None)
-        if originals is not None:
-            note_counts(originals)
+        got = inside.pop("originals", None)
+        if got is not None:
+            note_counts(got[1], got[0])
         return None
 
     original_generate = model.generate
@@ -238,7 +239,7 @@ def _install_rewrite(engine, rewrite) -> None:
             out = original_generate(*args, **new)
         finally:
             inside["on"] = False
-        note_counts(originals)
+        note_counts(originals, new)
         prompt, width = kwargs["input_ids"], new["input_ids"].shape[1]
         if isinstance(out, torch.Tensor):
             return torch.cat([prompt, out[:, width:]], 1)
