@@ -531,20 +531,19 @@ def dpp_rows(kernel: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     dev = kernel.device
     kernel = kernel.float()
     rows = torch.arange(s, device=dev)
-    diag = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, float("-inf"))
-    di2s = diag.clone()
+    rest = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, float("-inf"))  # the fallback's pool
+    di2s = rest.clone()
     cis = torch.zeros(k, s, m, device=dev)
-    picked = ~valid.clone()
     done = torch.zeros(s, dtype=torch.bool, device=dev)
     sel = []
+    # per round: one max for the pick and its gain (argmax's first-of-ties index), the fallback read from the
+    # diagonal with picked entries at -inf (kept in step with di2s), no boolean scatter: fewer launches a round
     for i in range(k):
-        j = di2s.argmax(-1)
-        gain = di2s[rows, j]
+        gain, j = di2s.max(-1)
         done = done | ~(gain > 0)
-        fallback = diag.masked_fill(picked, float("-inf")).argmax(-1)
-        j = torch.where(done, fallback, j)
+        j = torch.where(done, rest.argmax(-1), j)
         sel.append(j)
-        picked[rows, j] = True
+        rest[rows, j] = float("-inf")
         eis = (kernel[rows, j] - torch.einsum("tb,tbn->bn", cis[:i, rows, j], cis[:i])) / torch.sqrt(gain).unsqueeze(-1)
         eis = torch.where(done.unsqueeze(-1), 0.0, eis)
         cis[i] = eis
