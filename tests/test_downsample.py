@@ -51,7 +51,7 @@ def test_generate_is_the_unwrapped_model_on_the_resized_input(family, budget):
     assert torch.allclose(logits, m(**new).logits, atol=1e-5)  # a forward call sees the shortened prompt
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", QWEN)  # Qwen3-VL: one placeholder run per temporal patch (timestamps between)
 @torch.no_grad()
 def test_videos_are_resized_frame_by_frame(family):
     m = tiny_model(family)
@@ -150,3 +150,13 @@ def test_flops_count_the_tower_on_the_resized_input():
     got = per_sample_tflops(m, tr, x)[0]
     want = (prefill_flops(m, [[layer[0]] for layer in tr.layer_tokens]).total + small_tower.vision + small_tower.projector) / 1e12
     assert got == pytest.approx(want)
+
+
+@torch.no_grad()
+def test_placeholders_that_do_not_match_the_pixels_are_refused():
+    m = tiny_model("qwen2_vl")
+    x = make_inputs(m, [[1]], prompt_lens=[5])
+    ids = x["input_ids"].clone()
+    ids[0, (ids[0] == m.config.image_token_id).nonzero()[0]] = 7  # one placeholder fewer than the grid's
+    with pytest.raises(ValueError, match="a run of 3 image placeholders where the pixels give 4"):
+        downsample_inputs(m, {**x, "input_ids": ids}, 0.25)

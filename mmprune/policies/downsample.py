@@ -103,7 +103,7 @@ def downsample_inputs(model, kwargs: dict, budget, mode: str = "bicubic"):
         return None
     merge = cfg.vision_config.spatial_merge_size
     new = dict(kwargs)
-    token_ids, new_counts = {}, {}
+    token_ids, runs = {}, {}
     for m, pv, grid in mods:
         grids = [tuple(int(v) for v in g) for g in grid.tolist()]  # a read: the items' grids
         counts = [t * h * w // merge**2 for t, h, w in grids]
@@ -112,8 +112,11 @@ def downsample_inputs(model, kwargs: dict, budget, mode: str = "bicubic"):
         new[f"pixel_values{'' if m == 'image' else '_videos'}"] = pixels
         new[f"{m}_grid_thw"] = torch.tensor(grids2, dtype=grid.dtype, device=grid.device)
         token_ids[m] = int(getattr(cfg, f"{m}_token_id"))
-        new_counts[m] = [t * h * w // merge**2 for t, h, w in grids2]
-    new["input_ids"], new["attention_mask"], originals = _shrink_runs(model, kwargs, token_ids, new_counts)
+        # Qwen3-VL writes a timestamp before each temporal patch of a video: one placeholder run per patch
+        per_patch = m == "video" and cfg.model_type.startswith("qwen3")
+        runs[m] = [(h * w // merge**2, h2 * w2 // merge**2) for (t, h, w), (_, h2, w2) in zip(grids, grids2) for _ in range(t)] \
+            if per_patch else [(t * h * w // merge**2, t2 * h2 * w2 // merge**2) for (t, h, w), (t2, h2, w2) in zip(grids, grids2)]
+    new["input_ids"], new["attention_mask"], originals = _shrink_runs(model, kwargs, token_ids, runs)
     if kwargs.get("mm_token_type_ids") is not None:  # 1 image, 2 video, 0 text (the processor's codes)
         kinds = torch.zeros_like(new["input_ids"])
         for m, code in (("image", 1), ("video", 2)):
@@ -124,23 +127,24 @@ def downsample_inputs(model, kwargs: dict, budget, mode: str = "bicubic"):
     return new, originals
 
 
-def _shrink_runs(model, kwargs: dict, token_ids: dict, new_counts: dict):
-    """``input_ids`` (left padded) with every item's placeholder run replaced by its new count, items taken in
-    order per modality: ``(new input_ids, new attention_mask, original per-sample visual counts)``."""
+def _shrink_runs(model, kwargs: dict, token_ids: dict, runs: dict):
+    """``input_ids`` (left padded) with every placeholder run replaced by its new length: ``runs[modality]`` lists
+    ``(length, new length)`` per run in order, and a run of another length raises (the placeholders do not
+    match the pixels). Returns ``(new input_ids, new attention_mask, original per-sample visual counts)``."""
     from ..syncs import host_side
 
     ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
     host = ids.cpu()  # the reads: the prompt's ids and mask, once (then host work only)
     host_mask = mask.cpu().bool() if mask is not None else None
     with host_side():
-        return _shrink_host(model, ids, host, host_mask, token_ids, new_counts)
+        return _shrink_host(model, ids, host, host_mask, token_ids, runs)
 
 
-def _shrink_host(model, ids, host, host_mask, token_ids: dict, new_counts: dict):
+def _shrink_host(model, ids, host, host_mask, token_ids: dict, runs: dict):
     if host_mask is None:
         host_mask = torch.ones_like(host, dtype=torch.bool)
     which = {v: k for k, v in token_ids.items()}
-    nxt = {m: iter(c) for m, c in new_counts.items()}
+    nxt = {m: iter(r) for m, r in runs.items()}
     visual = set(int(getattr(model.config, f"{m}_token_id")) for m in ("image", "video")
                  if getattr(model.config, f"{m}_token_id", None) is not None)
     rows, originals = [], []
@@ -153,7 +157,14 @@ def _shrink_host(model, ids, host, host_mask, token_ids: dict, new_counts: dict)
                 j += 1
             if tok in visual:
                 n_vis += j - i
-            out.extend([tok] * next(nxt[which[tok]]) if tok in which else seq[i:j])
+            if tok in which:
+                length, new_length = next(nxt[which[tok]], (None, None))
+                if length != j - i:
+                    raise ValueError(f"downsample: a run of {j - i} {which[tok]} placeholders where the pixels give "
+                                     f"{length}; the prompt does not match its {which[tok]}s")
+                out.extend([tok] * new_length)
+            else:
+                out.extend(seq[i:j])
             i = j
         rows.append(out)
         originals.append(n_vis)
@@ -181,13 +192,9 @@ def fewer_frames(model, kwargs: dict, budget):
     idx = ((torch.arange(keep, dtype=torch.float64) + 0.5) * frames / keep).floor().long().clamp(max=frames - 1)
     new = dict(kwargs)
     new["pixel_values_videos"] = pv[:, idx.to(pv.device)]
-    n_videos = pv.shape[0]
     token = int(model.config.video_token_id)
     new["input_ids"], new["attention_mask"], originals = _shrink_runs(
-        model, kwargs, {"video": token}, {"video": [keep * side * side + 1] * n_videos})
-    if int((ids == token).sum()) != per_video * n_videos:
-        raise ValueError(f"downsample: {int((ids == token).sum())} video placeholders for {n_videos} video(s) of "
-                         f"{frames} frames ({per_video} expected each); cannot drop frames")
+        model, kwargs, {"video": token}, {"video": [(per_video, keep * side * side + 1)] * pv.shape[0]})
     new.pop("position_ids", None)
     return new, originals
 
@@ -213,11 +220,11 @@ def _install_rewrite(engine, rewrite) -> None:
         got = rewrite(model, kwargs)
         if got is None:
             return None
-        inside["originals"] = got
+        inside["rewritten"] = got
         return args, got[0]
 
     def post(module, args, output):  # the trace of that forward call: the original counts in
-        got = inside.pop("originals", None)
+        got = inside.pop("rewritten", None)
         if got is not None:
             note_counts(got[1], got[0])
         return None
