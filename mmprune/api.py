@@ -13,24 +13,28 @@ import contextlib
 from .config import PruneConfig
 
 
-def _stages(model_adapter, policy, budget, layer, options):
-    from .engine import Stage
-    from .policies import get_policy
-
+def _configs(policy, budget, layer, options) -> list[PruneConfig]:
+    """``wrap``'s arguments as the list of PruneConfigs they describe (what the engine keeps and
+    ``mmprune.json`` stores), with a one-line error for a mix it cannot read."""
     if isinstance(policy, PruneConfig):
         if budget is not None or layer is not None or options:
             raise ValueError("pass budget/layer/options inside the PruneConfig, not beside it")
-        configs = [policy]
-    elif isinstance(policy, (list, tuple)):
+        return [policy]
+    if isinstance(policy, (list, tuple)):
         if not policy or not all(isinstance(c, PruneConfig) for c in policy):
             raise ValueError("policy must be a name, a PruneConfig, or a non-empty list of PruneConfig")
         if budget is not None or layer is not None or options:
             raise ValueError("pass budget/layer/options inside each PruneConfig, not beside the list")
-        configs = list(policy)
-    elif isinstance(policy, str):
-        configs = [PruneConfig(policy, 1.0 if budget is None else budget, layer, dict(options))]
-    else:
-        raise ValueError(f"policy must be a name, a PruneConfig, or a list of PruneConfig; got {type(policy).__name__}")
+        return list(policy)
+    if isinstance(policy, str):
+        return [PruneConfig(policy, 1.0 if budget is None else budget, layer, dict(options))]
+    raise ValueError(f"policy must be a name, a PruneConfig, or a list of PruneConfig; got {type(policy).__name__}")
+
+
+def _stages(model_adapter, configs: list[PruneConfig]):
+    from .engine import Stage
+    from .policies import get_policy
+
     n_layers = model_adapter.num_layers()
     stages = []
     for c in configs:
@@ -66,15 +70,6 @@ def _check_layer(name, pol, layer_, n_layers) -> None:
 SAVED_FILE = "mmprune.json"
 
 
-def _configs(policy, budget, layer, options) -> list[PruneConfig]:
-    """The wrap's stages as PruneConfigs (what ``mmprune.json`` stores)."""
-    if isinstance(policy, PruneConfig):
-        return [policy]
-    if isinstance(policy, (list, tuple)):
-        return list(policy)
-    return [PruneConfig(policy, 1.0 if budget is None else budget, layer, dict(options))]
-
-
 def save_config(model, directory) -> str:
     """Write the wrap of ``model`` to ``directory/mmprune.json`` (a wrapped model's ``save_pretrained`` does);
     ``mmprune.wrap(reloaded)`` with no policy restores it. Returns the file's path.
@@ -88,7 +83,7 @@ def save_config(model, directory) -> str:
 
     engine = _engine(model)
     stages = [{"policy": c.policy, "budget": c.budget, "layer": c.layer, "options": c.options}
-              for c in _configs(*engine.wrap_args)]
+              for c in engine.configs]
     try:
         text = json.dumps({"stages": stages}, indent=2)
     except TypeError as e:
@@ -139,10 +134,10 @@ def wrap(model, policy=None, *, budget=None, layer=None, **options):
         if budget is not None or layer is not None or options:
             raise ValueError("budget / layer / options need a policy; give one, or none of them to restore mmprune.json")
         policy = _saved_configs(model)
-    stages = _stages(adapter, policy, budget, layer, options)
+    configs = _configs(policy, budget, layer, options)
+    stages = _stages(adapter, configs)
     unwrap(model)
-    engine = Engine(model, adapter, stages)
-    engine.wrap_args = (policy, budget, layer, dict(options))  # a deep copy of the model is wrapped the same way
+    engine = Engine(model, adapter, stages, configs)
     engine.install()
     model.__dict__["_mmprune"] = engine
     return model

@@ -107,9 +107,12 @@ class CallCtx:
 class Engine(SelectMixin, DecodeMixin):
     """Installs and runs the stages of one wrap on one model instance."""
 
-    def __init__(self, model, adapter, stages: list[Stage]):
+    def __init__(self, model, adapter, stages: list[Stage], configs: list):
         self.id = next(_IDS)
         self.model = model
+        # what was asked for (before multi-stage policies expand): a deep copy is wrapped with it, and
+        # save_pretrained writes it to mmprune.json
+        self.configs = list(configs)
         self.adapter = adapter
         self.stages = stages
         self.pre_stages = [s for s in stages if s.layer is None]
@@ -238,8 +241,7 @@ class Engine(SelectMixin, DecodeMixin):
                 m.__dict__["_mmprune"] = self
         finally:
             self._exit()
-        policy, budget, layer, options = self.wrap_args
-        wrap(twin, policy, budget=budget, layer=layer, **options)
+        wrap(twin, self.configs)
         twin.__dict__["_mmprune"].enabled = self.enabled
         return twin
 

@@ -88,8 +88,8 @@ def install(model, budget, layer=None, previous: str = "sdpa") -> None:
     api.unwrap(model)
     model.set_attn_implementation("eager")
     adapter = adapter_for(model)
-    stages = api._stages(adapter, "fastv", budget, layer, {})
-    engine = EagerFastVEngine(model, adapter, stages)
+    configs = api._configs("fastv", budget, layer, {})
+    engine = EagerFastVEngine(model, adapter, api._stages(adapter, configs), configs)
     engine.install()
     model.__dict__["_mmprune"] = engine
     model.__dict__["_mmprune_bench_attn"] = previous
