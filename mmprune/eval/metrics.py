@@ -147,14 +147,14 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
         >>> vqa_accuracy("3", ["3"] + ["2"] * 9)  # 9 subsets see one match, one sees none: 9 * (1/3) / 10
         0.3
     """
-    if not answers:
+    return _leave_one_out(normalize_vqa_answer(prediction), [normalize_vqa_answer(a) for a in answers])
+
+
+def _leave_one_out(pred: str, gts: list[str]) -> float:
+    """The official VQA accuracy on normalised answers: over the leave-one-out subsets, ``min(1, matches / 3)``."""
+    if not gts:
         return 0.0
-    pred = normalize_vqa_answer(prediction)
-    gts = [normalize_vqa_answer(a) for a in answers]
-    accs = []
-    for i in range(len(gts)):
-        matches = sum(1 for j, g in enumerate(gts) if j != i and g == pred)
-        accs.append(min(1.0, matches / 3.0))
+    accs = [min(1.0, sum(1 for j, g in enumerate(gts) if j != i and g == pred) / 3.0) for i in range(len(gts))]
     return round(sum(accs) / len(accs), 12)
 
 
@@ -173,12 +173,7 @@ def vqav2_accuracy(prediction: str, answers: Sequence[str]) -> float:
         text = str(text).replace("\n", " ").replace("\t", " ").strip()
         return _process_digit_article(_process_punctuation(text))
 
-    if not answers:
-        return 0.0
-    pred = norm(prediction)
-    gts = [norm(a) for a in answers]
-    accs = [min(1.0, sum(1 for j, g in enumerate(gts) if j != i and g == pred) / 3.0) for i in range(len(gts))]
-    return round(sum(accs) / len(accs), 12)
+    return _leave_one_out(norm(prediction), [norm(a) for a in answers])
 
 
 # --------------------------------------------------------------------------------------------------

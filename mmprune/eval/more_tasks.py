@@ -228,8 +228,9 @@ class MmstarTask(Task):
         cats: dict[str, dict] = defaultdict(list)
         for d in ds:
             cats[str(d["category"])].append(d)
+        per_cat = {c: _by(v, "l2_category") for c, v in cats.items()}
         extra = {"n": len(ds), "per_l2_category": per_l2,
-                 "per_category": {c: sum(_by(v, "l2_category").values()) / len(_by(v, "l2_category")) for c, v in cats.items()}}
+                 "per_category": {c: sum(p.values()) / len(p) for c, p in per_cat.items()}}
         return (sum(per_l2.values()) / len(per_l2) if per_l2 else 0.0), self.metric, extra
 
 

@@ -303,8 +303,7 @@ class SampleLog:
     def __init__(self, out_dir: str | os.PathLike, rank: int | None = None):
         self.out_dir = out_folder(out_dir)
         self.path = shard_path(self.out_dir, rank)
-        for f in [self.path, *_sample_files(self.out_dir)]:
-            _regular_or_absent(f)
+        _regular_or_absent(self.path)  # before any work; the files read below are checked by read_jsonl
         self._records: dict[tuple[str, str], dict] = {}
         for f in _sample_files(self.out_dir):
             for rec in read_jsonl(f, repair=(f == self.path)):
@@ -449,8 +448,6 @@ def merge_shards(out_dir: str | os.PathLike) -> int:
     if not out.is_dir():
         return 0
     main = out / SAMPLES_FILE
-    for f in [main, *_sample_files(out)]:
-        _regular_or_absent(f)
     existing: dict[tuple[str, str], dict] = {}
     for rec in read_jsonl(main, repair=True):
         key = (str(rec.get("run")), str(rec.get("id")))
