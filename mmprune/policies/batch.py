@@ -495,7 +495,7 @@ def bipartite_ragged(metric: torch.Tensor, sizes: torch.Tensor, t: torch.Tensor,
         scores = (mn[:, 0::2] @ mn[:, 1::2].transpose(1, 2)).masked_fill((eb >= nb).unsqueeze(1), float("-inf"))
         node_max, node_idx = scores.max(dim=-1)
         edge = torch.sort(node_max.masked_fill(ea >= na, float("-inf")), dim=-1, descending=True, stable=True).indices
-        is_src = (ea < r) & (ea < na)  # by rank: the r best-matched A tokens merge
+        is_src = ea < r  # by rank: the r best-matched A tokens merge (r <= nb <= na)
         dst = torch.where(is_src, torch.gather(node_idx, 1, edge), wb)  # wb: a spare column
         xs = torch.cat([m * size.unsqueeze(-1), size.unsqueeze(-1)], -1)
         moved = torch.gather(xs[:, 0::2], 1, edge.unsqueeze(-1).expand(-1, -1, c + 1))

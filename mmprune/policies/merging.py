@@ -581,15 +581,6 @@ class Pool(Policy):
         return _plan_from_groups(gid, coords, t)
 
 
-def _rows_by_shape(ns: list[int], ks: list[int]) -> dict:
-    """Rows that need merging (``n > k``), grouped by ``(n, k)`` so each group merges as one batch."""
-    shapes: dict = {}
-    for i, (c, k) in enumerate(zip(ns, ks)):
-        if c > k:
-            shapes.setdefault((c, k), []).append(i)
-    return shapes
-
-
 def _split_to(gid: torch.Tensor, xyz: torch.Tensor, k: int) -> torch.Tensor:
     """Halve the largest groups along their longest extent until there are k groups (or singletons)."""
     gid = gid.clone()
@@ -666,6 +657,11 @@ class Temporal(Policy):
         """``select`` for every image / video of the batch at once: frame descriptors, cuts, same-cell
         predecessors and their ranking as batched tensor algebra, chains resolved by pointer jumping (no
         loop over tokens), the spatial merging by ``bipartite_ragged`` with device-side counts: no read."""
+        if not any(g is not None and g[0] > 1 for gs in bt.grids for g in gs):
+            # images only: every token is a root, so this is ToMe's merging to the budget, on the metric ``_one``
+            # uses (each token's size-weighted mean of itself)
+            f, w = bt.features.float(), bt.sizes.float().unsqueeze(-1)
+            return bipartite_batch(bt, torch.where(w > 0, f * w / w, f), "size")
         index, owner, ks = segment_rows(bt)
         b, n = bt.features.shape[:2]
         dev = index.device
@@ -677,48 +673,39 @@ class Temporal(Policy):
         sizes = segment_features(bt.sizes, index, owner).float().masked_fill(~valid, 0.0)
         pos = segment_features(bt.pos, index, owner)
         ar = torch.arange(m, device=dev).expand(s_rows, m)
-        group = ar.clone()
         video = [g is not None and g[0] > 1 for g in grids]
-        if any(video):
-            t_max = max(g[0] for g, v in zip(grids, video) if v)
-            hw_max = max(g[1] * g[2] for g, v in zip(grids, video) if v)
-            geo = torch.tensor([[g[0], g[1], g[2]] if v else [1, 1, 1] for g, v in zip(grids, video)])
-            tt, hh, ww = (geo[:, i].to(dev, non_blocking=True).view(-1, 1) for i in range(3))
-            is_vid = torch.tensor(video).to(dev, non_blocking=True).view(-1, 1)
-            inside = valid & is_vid & (pos < tt * hh * ww)
-            f = torch.where(inside, pos // (hh * ww), -1)
-            cell = torch.where(inside, pos % (hh * ww), 0)
-            slot_f = torch.where(inside, f, t_max)
-            desc = torch.zeros(s_rows, t_max + 1, x.shape[-1], device=dev).index_put_(
-                (torch.arange(s_rows, device=dev).view(-1, 1).expand(s_rows, m), slot_f), x, accumulate=True)
-            cnt = torch.zeros(s_rows, t_max + 1, device=dev).scatter_add_(1, slot_f, inside.float())
-            desc = desc[:, :t_max] / cnt[:, :t_max].clamp(min=1).unsqueeze(-1)
-            fsim = torch.nn.functional.cosine_similarity(desc[:, 1:], desc[:, :-1], dim=-1)
-            cut = torch.cat([torch.zeros(s_rows, 1, dtype=torch.bool, device=dev),
-                             fsim < float(self.options["threshold"])], 1)
-            scene = torch.cat([cut.long().cumsum(1), torch.zeros(s_rows, 1, dtype=torch.long, device=dev)], 1)
-            table = torch.full((s_rows, t_max * hw_max + 1), -1, dtype=torch.long, device=dev)
-            table.scatter_(1, torch.where(inside, f * hw_max + cell, t_max * hw_max), ar)
-            fp = (f - 1).clamp(min=0)
-            same = inside & (f > 0) & (torch.gather(scene, 1, f.clamp(min=0)) == torch.gather(scene, 1, fp))
-            pred = torch.where(same, torch.gather(table, 1, torch.where(same, fp * hw_max + cell, t_max * hw_max)), -1)
-            has = pred >= 0
-            xp = torch.gather(x, 1, pred.clamp(min=0).unsqueeze(-1).expand_as(x))
-            sim = torch.nn.functional.cosine_similarity(x, xp, dim=-1).masked_fill(~has, float("-inf"))
-            order = torch.sort(sim, dim=1, descending=True, stable=True).indices
-            rank = torch.empty_like(order).scatter_(1, order, ar)
-            budget = torch.tensor([max(0, c - k) for c, k in zip(ns, ks)]).to(dev, non_blocking=True).view(-1, 1)
-            cand = has & (rank < budget)
-            group = torch.where(cand, pred, ar)
-            for _ in range(max(1, (t_max - 1).bit_length()) + 1):  # pointer jumping: every chain to its root
-                group = torch.gather(group, 1, group)
-        if not any(video):  # images: every token is a root, the counts are host data
-            for (c, k), rows in _rows_by_shape(ns, ks).items():
-                sel = torch.tensor(rows).to(dev, non_blocking=True)
-                xs, ss = x[sel][:, :c], sizes[sel][:, :c]
-                keep_r, assign_r, _ = bipartite_rows(xs * ss.unsqueeze(-1) / ss.unsqueeze(-1), ss, k)  # as _one
-                group[sel, :c] = torch.gather(keep_r, 1, assign_r)
-            return self._plan(bt, group, valid, index, owner, ks, sizes, ar)
+        t_max = max(g[0] for g, v in zip(grids, video) if v)
+        hw_max = max(g[1] * g[2] for g, v in zip(grids, video) if v)
+        geo = torch.tensor([[g[0], g[1], g[2]] if v else [1, 1, 1] for g, v in zip(grids, video)])
+        tt, hh, ww = (geo[:, i].to(dev, non_blocking=True).view(-1, 1) for i in range(3))
+        is_vid = torch.tensor(video).to(dev, non_blocking=True).view(-1, 1)
+        inside = valid & is_vid & (pos < tt * hh * ww)
+        f = torch.where(inside, pos // (hh * ww), -1)
+        cell = torch.where(inside, pos % (hh * ww), 0)
+        slot_f = torch.where(inside, f, t_max)
+        desc = torch.zeros(s_rows, t_max + 1, x.shape[-1], device=dev).index_put_(
+            (torch.arange(s_rows, device=dev).view(-1, 1).expand(s_rows, m), slot_f), x, accumulate=True)
+        cnt = torch.zeros(s_rows, t_max + 1, device=dev).scatter_add_(1, slot_f, inside.float())
+        desc = desc[:, :t_max] / cnt[:, :t_max].clamp(min=1).unsqueeze(-1)
+        fsim = torch.nn.functional.cosine_similarity(desc[:, 1:], desc[:, :-1], dim=-1)
+        cut = torch.cat([torch.zeros(s_rows, 1, dtype=torch.bool, device=dev),
+                         fsim < float(self.options["threshold"])], 1)
+        scene = torch.cat([cut.long().cumsum(1), torch.zeros(s_rows, 1, dtype=torch.long, device=dev)], 1)
+        table = torch.full((s_rows, t_max * hw_max + 1), -1, dtype=torch.long, device=dev)
+        table.scatter_(1, torch.where(inside, f * hw_max + cell, t_max * hw_max), ar)
+        fp = (f - 1).clamp(min=0)
+        same = inside & (f > 0) & (torch.gather(scene, 1, f.clamp(min=0)) == torch.gather(scene, 1, fp))
+        pred = torch.where(same, torch.gather(table, 1, torch.where(same, fp * hw_max + cell, t_max * hw_max)), -1)
+        has = pred >= 0
+        xp = torch.gather(x, 1, pred.clamp(min=0).unsqueeze(-1).expand_as(x))
+        sim = torch.nn.functional.cosine_similarity(x, xp, dim=-1).masked_fill(~has, float("-inf"))
+        order = torch.sort(sim, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, ar)
+        budget = torch.tensor([max(0, c - k) for c, k in zip(ns, ks)]).to(dev, non_blocking=True).view(-1, 1)
+        cand = has & (rank < budget)
+        group = torch.where(cand, pred, ar)
+        for _ in range(max(1, (t_max - 1).bit_length()) + 1):  # pointer jumping: every chain to its root
+            group = torch.gather(group, 1, group)
         # spatial bipartite merging among the temporal groups' roots, down to k where more than k remain; the
         # roots' count is data (how many tokens found a predecessor in their scene), so every row runs the
         # rounds its worst case needs and a row already at k passes through (no read of the count)
@@ -737,18 +724,11 @@ class Temporal(Policy):
         rpos = torch.full((s_rows, m + 1), -1, dtype=torch.long, device=dev).scatter_(
             1, torch.where(roots >= 0, roots, m), ar)[:, :m]
         group = torch.gather(new_root, 1, torch.gather(rpos, 1, group).clamp(min=0))
-        return self._plan(bt, group, valid, index, owner, ks, sizes, ar)
-
-    @staticmethod
-    def _plan(bt, group, valid, index, owner, ks, sizes, ar) -> BatchPlan:
-        """Per row, each token's group root -> the batch plan (roots kept, members merged into them)."""
-        b, n = bt.features.shape[:2]
         group = torch.where(valid, group, -1)
         keep = keep_from_rows(mask_positions((group == ar) & valid, max(ks, default=0)), index, owner, ks, b, n)
         rep_slot = torch.where(group >= 0, torch.gather(index, 1, group.clamp(min=0)), -1)
         assign = position_in_keep(keep, rows_to_batch(rep_slot, index, owner, b, n, fill=-1), n)
-        counts = bt.fixed_counts()
-        return BatchPlan(keep, assign, rows_to_batch(sizes, index, owner, b, n, fill=0.0), counts=counts)
+        return BatchPlan(keep, assign, rows_to_batch(sizes, index, owner, b, n, fill=0.0), counts=bt.fixed_counts())
 
     def _one(self, t: Tokens) -> Plan:
         n, k = t.n, t.budgets[0]
