@@ -100,13 +100,10 @@ def validate(args) -> None:
         raise ValueError(f"unknown policy {args.policy!r}; known policies: {', '.join(policies())}")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise ValueError(f"unknown device {args.device!r}; accepted: cpu, cuda, cuda:<index>")
-    if args.device.startswith("cuda"):
-        import torch
+    if args.device.startswith("cuda"):  # there, on this machine
+        from ..eval.runner import resolve_device
 
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-        if ":" in args.device and int(args.device.split(":")[1]) >= torch.cuda.device_count():
-            raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        resolve_device(args.device)
     if args.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
         raise ValueError(f"unknown dtype {args.dtype!r}; accepted: auto, float32, bfloat16, float16")
 
