@@ -100,11 +100,11 @@ def validate(args) -> None:
         raise ValueError(f"unknown policy {args.policy!r}; known policies: {', '.join(policies())}")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise ValueError(f"unknown device {args.device!r}; accepted: cpu, cuda, cuda:<index>")
-    if args.device.startswith("cuda"):  # there, on this machine
-        from ..eval.runner import resolve_device
+    from ..eval.runner import DTYPES, resolve_device
 
+    if args.device.startswith("cuda"):  # there, on this machine
         resolve_device(args.device)
-    if args.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+    if args.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {args.dtype!r}; accepted: auto, float32, bfloat16, float16")
 
 

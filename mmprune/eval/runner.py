@@ -89,8 +89,8 @@ def validate(cfg: EvalConfig):
         raise ValueError(f"--turns 2 answers each follow-up from its own conversation's cache: use --batch-size 1 "
                          f"(got {cfg.batch_size})")
     check_device(cfg.device)
-    if cfg.dtype not in _DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}; got {cfg.dtype!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {cfg.dtype!r}")
     resolve_model_path(cfg.model)
     return task
 
@@ -129,7 +129,7 @@ def _check_family(spec: str, config: Path) -> None:
 
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
-_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # --dtype of eval, sweep and bench
 
 
 def _dtype(name: str, device: str):
