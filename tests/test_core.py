@@ -309,6 +309,13 @@ def test_disabled_context_runs_unpruned():
         (dict(policy="fastv", budget=0.5, layer=0), r"outside \[1, 4\)"),
         (dict(policy="uniform", budget=0.5, layer=-1), "layer must be"),
         (dict(policy="random", budget=0.5, sead=1), "unknown option"),
+        (dict(policy="tome", budget=0.5, where="tower"),
+         re.escape("tome option where must be one of 'auto', 'encoder', 'projector'; got 'tower'")),
+        (dict(policy="visionzip", budget=0.5, cls_slot="first"), "visionzip option cls_slot must be one of"),
+        (dict(policy="visionzip", budget=0.5, where="encoder"), "visionzip option where must be one of 'auto', 'projector'"),
+        (dict(policy="prumerge+", budget=0.5, where="encoder"), "prumerge\\+ option where must be one of"),
+        (dict(policy="simignore", budget=0.5, reduce="sum"), "simignore option reduce must be one of 'mean', 'max'"),
+        (dict(policy="downsample", budget=0.5, mode="lanczos"), "downsample option mode must be one of 'bicubic'"),
     ],
 )
 def test_bad_input_errors(kwargs, match):
@@ -317,6 +324,16 @@ def test_bad_input_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mmprune.wrap(m, policy, **kwargs)
     assert "_mmprune" not in m.__dict__
+
+
+def test_option_choices_cover_defaults():
+    """Every fixed-set option is a real option whose default is itself accepted."""
+    from mmprune.policies import get_policy, policies
+
+    for name in policies():
+        cls = get_policy(name)
+        for key, allowed in cls.option_choices.items():
+            assert cls.option_defaults()[key] in allowed, (name, key)
 
 
 def test_unsupported_model():

@@ -178,6 +178,8 @@ class Policy:
     data_free: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    #: options whose value is one of a fixed set, checked at construction so a typo fails before any model runs
+    option_choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def __init__(self, **options: Any) -> None:
         unknown = set(options) - set(self.option_defaults())
@@ -185,6 +187,10 @@ class Policy:
             known = ", ".join(sorted(self.option_defaults())) or "none"
             raise ValueError(f"unknown option(s) {sorted(unknown)} for policy {self.name!r}; accepted: {known}")
         self.options = {**self.option_defaults(), **options}
+        for key, allowed in self.option_choices.items():
+            if self.options[key] not in allowed:
+                raise ValueError(f"{self.name} option {key} must be one of {', '.join(map(repr, allowed))}; "
+                                 f"got {self.options[key]!r}")
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class Downsample(Policy):
     data_free = True
     paper = "VTC-Bench baseline, 2025"
     summary = "resize the image before the vision tower (Qwen-VL); else pool"
+    option_choices = {"mode": ("bicubic", "bilinear", "area", "nearest")}
 
     @classmethod
     def option_defaults(cls):
@@ -49,8 +50,6 @@ class Downsample(Policy):
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.options["mode"] not in ("bicubic", "bilinear", "area", "nearest"):
-            raise ValueError(f"downsample mode must be bicubic, bilinear, area or nearest; got {self.options['mode']!r}")
         self._pool = None  # the fallback of fixed-resolution towers
         self._videos_done = False  # OneVision: videos already have fewer frames; pool only the images
 

@@ -41,11 +41,8 @@ from .batch import (
 def _install_tower_merge(policy: Policy, engine) -> None:
     """``where="auto"``: merge the tower's features before the projector where the adapter can (LLaVA-1.5),
     as VisionZip's and PruMerge+'s official code; ``"projector"``: always after it."""
-    where = policy.options["where"]
-    if where not in ("auto", "projector"):
-        raise ValueError(f"{policy.name} option where must be 'auto' or 'projector'; got {where!r}")
     merge = getattr(engine.adapter, "install_tower_merge", None)
-    if where == "auto" and merge is not None:
+    if policy.options["where"] == "auto" and merge is not None:
         merge(engine, policy)
 
 
@@ -84,15 +81,11 @@ class ToMe(Policy):
     batched = True
     paper = "ToMe, ICLR'23"
     summary = "bipartite soft matching on key similarity, size-weighted merge"
+    option_choices = {"where": ("auto", "encoder", "projector")}
 
     @classmethod
     def option_defaults(cls):
         return {"where": "auto"}
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.options["where"] not in ("auto", "encoder", "projector"):
-            raise ValueError(f"tome option where must be 'auto', 'encoder' or 'projector'; got {self.options['where']!r}")
 
     def install_encoder(self, engine) -> None:
         if self.options["where"] == "projector":
@@ -202,6 +195,7 @@ class VisionZip(Policy):
     signals = ("cls_attn", "keys", "tower_cls", "tower_assign")
     paper = "VisionZip, CVPR'25"
     summary = "dominant tokens by [CLS] attention + contextual tokens merged by key similarity"
+    option_choices = {"cls_slot": ("paper", "patch"), "where": ("auto", "projector")}
 
     @classmethod
     def option_defaults(cls):
@@ -215,8 +209,6 @@ class VisionZip(Policy):
         ratio = float(self.options["dominant_ratio"])
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"visionzip dominant_ratio must be in [0, 1]; got {ratio}")
-        if self.options["cls_slot"] not in ("paper", "patch"):
-            raise ValueError(f"visionzip cls_slot must be 'paper' or 'patch'; got {self.options['cls_slot']!r}")
 
     def _split(self, n: int, k: int, has_cls: bool) -> tuple[int, int, int]:
         """Host counts of one image: (dominant patches, contextual targets, target stride over the rest)."""
@@ -356,6 +348,7 @@ class PruMergePlus(Policy):
     signals = ("cls_attn", "keys", "next_cls_attn", "next_keys", "tower_assign", "grid")
     paper = "LLaVA-PruMerge(+), 2024"
     summary = "IQR outliers of [CLS] attention + spatial samples, kNN merge"
+    option_choices = {"where": ("auto", "projector")}
 
     @classmethod
     def option_defaults(cls):

@@ -100,6 +100,7 @@ class SimIgnore(Policy):
     batched = True
     paper = "Simignore, 2024"
     summary = "drop visual tokens with low embedding similarity to the question"
+    option_choices = {"reduce": ("mean", "max")}
 
     @classmethod
     def option_defaults(cls):
@@ -107,8 +108,6 @@ class SimIgnore(Policy):
 
     def select(self, tokens: Tokens) -> Plan:
         q = tokens.question if tokens.question is not None and len(tokens.question) else tokens.text
-        if self.options["reduce"] not in ("mean", "max"):
-            raise ValueError(f"simignore option reduce must be 'mean' or 'max'; got {self.options['reduce']!r}")
 
         def one(t: Tokens) -> Plan:
             if q is None or not len(q):
@@ -123,7 +122,7 @@ class SimIgnore(Policy):
 
     def select_batch(self, bt: BatchTokens) -> BatchPlan | None:
         """``select`` for every image of the batch at once (masked means over each sample's question)."""
-        if bt.question is None or self.options["reduce"] not in ("mean", "max"):
+        if bt.question is None:
             return None
         index, owner, ks = segment_rows(bt)
         b, n = bt.features.shape[:2]
