@@ -282,13 +282,5 @@ def apply_plan(run: Run, plan: BatchPlan, feats: torch.Tensor, totals: list[int]
 
 def stage_trace(policy: str, layer, plan: BatchPlan, before: list[int], after: list[int], seconds: float) -> StageTrace:
     """The stage's trace, converted to per-sample host lists only when read (``StageTrace`` is lazy)."""
-    keep, assign, scores = plan.keep, plan.assign, plan.scores
-
-    def materialise():
-        kh = keep.cpu()
-        kept = [kh[i, :t] for i, t in enumerate(after)]
-        sc = None if scores is None else [scores[i, :n].detach().float().cpu() for i, n in enumerate(before)]
-        asg = None if assign is None else [assign[i, :n].long().cpu() for i, n in enumerate(before)]
-        return {"kept": kept, "scores": sc, "assign": asg}
-
-    return StageTrace.lazy(policy, layer, list(before), list(after), assign is not None, seconds, materialise)
+    return StageTrace.lazy(policy, layer, list(before), list(after), plan.assign is not None, seconds, plan.keep,
+                           plan.scores, plan.assign)

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +64,9 @@ from .attention import attention_probs, pagerank_importance, rotary_keys
 from .beside import Beside
 from .decode import DecodeMixin, SeqState, _cache_of
 from .kernels import scatter_tokens
-from .locate import HostCopy, locate, prefetch_ids
+from .locate import HostCopy, host_rows, locate, prefetch_ids
 from .select import SelectMixin, _question_batch
+from .syncs import clock, compiling
 from .traces import Trace
 
 _IDS = itertools.count()
@@ -79,7 +79,7 @@ LLM_SIGNALS = ("attn", "text_attn", "llm_keys", "pagerank")
 
 def _layer_counts(run: Run) -> list:
     """The trace's per-layer token counts as recorded (device tensors; ``Trace`` converts them when read)."""
-    return run.trace.__dict__["layer_tokens"]
+    return run.trace.layer_rows
 
 
 @dataclass
@@ -97,10 +97,12 @@ class CallCtx:
     visual: torch.Tensor | None = None  # [B, L] bool
     items: dict = field(default_factory=dict)  # modality -> list of (n_tokens, grid)
     signals: dict = field(default_factory=dict)  # modality -> list (per item) of {signal: tensor} or None
+    encoded: dict = field(default_factory=dict)  # modality -> the encoder call's info, its signals read at the LM
     notes: list = field(default_factory=list)
     decode: bool = False
     synth_mask: bool = False  # decode: the all-ones mask came from us (the caller passed none)
     host_ids: Any = None  # locate.HostCopy: the host copy of input_ids, started before the vision tower
+    host_rows: Any = None  # locate.host_rows of it, read here when compiling (one graph break, outermost frame)
     keep_full: bool = True  # False when only the last logits are used (generate): skip the scatter-back
 
 
@@ -128,7 +130,8 @@ class Engine(SelectMixin, DecodeMixin):
         self.decode_masks: dict = {}
         self.decode_lm_mask: torch.Tensor | None = None
         self.caches = Beside()  # a KV cache this engine pruned the prompt of -> its SeqState
-        self.encoded = Beside()  # an encoder output -> {"items", "signals", "note", "seconds"}
+        self.encoded = Beside()  # an encoder output -> {"items", "signals", "note", "seconds"[, "pending"]}
+        self.pending: dict = {}  # modality -> the info of an encoder call whose tower signals are still unread
         self._traces: dict = {}  # thread id -> the last prefill's Trace in that thread (None: the latest of any)
         self.last_host_read = False  # the last prefill's layout needed the host copy of input_ids
         # One forward at a time: the per-call state above lives on the engine (and on the adapter's vision
@@ -151,12 +154,14 @@ class Engine(SelectMixin, DecodeMixin):
 
     @last_trace.setter
     def last_trace(self, trace: Trace | None) -> None:
-        self._traces[threading.get_ident()] = self._traces[None] = trace
+        self._traces[None if compiling() else threading.get_ident()] = self._traces[None] = trace
 
     def _enter(self, top: bool = False) -> None:
         """Take the engine for this thread (re-entrant: the encoder runs inside the forward). ``top``: the
         top-level forward, never nested, so finding the engine already ours means a call of this thread
         died before ``_top_post`` (an interrupt): take it over instead of counting deeper."""
+        if compiling():  # a traced forward: no lock (dynamo cannot trace one; see syncs.compiling)
+            return
         me = threading.get_ident()
         if self._owner == me:
             self._depth = 1 if top else self._depth + 1
@@ -165,7 +170,7 @@ class Engine(SelectMixin, DecodeMixin):
         self._owner, self._depth = me, 1
 
     def _exit(self) -> None:
-        if self._owner != threading.get_ident():
+        if compiling() or self._owner != threading.get_ident():
             return
         self._depth -= 1
         if self._depth <= 0:
@@ -195,7 +200,14 @@ class Engine(SelectMixin, DecodeMixin):
             install = getattr(s.policy, "install_encoder", None)
             if install is not None:
                 install(self)
+        self.captures: dict = {}  # modality -> VisionCapture, hooks installed now, active during encoder calls
         for modality, owner, name in self.adapter.encoder_methods():
+            if self.vision_signals and modality not in self.captures:
+                cap = self.adapter.vision_capture(modality, self.vision_signals)
+                if cap is not None:
+                    cap.install()
+                    self.handles.extend(cap.handles)
+                self.captures[modality] = cap
             self._patch(owner, name, self._wrap_encoder(modality, getattr(owner, name)))
         if hasattr(m, "prepare_inputs_for_generation"):  # a bare base model has no generate
             self._patch(m, "prepare_inputs_for_generation", self._wrap_prepare(m.prepare_inputs_for_generation))
@@ -281,10 +293,9 @@ class Engine(SelectMixin, DecodeMixin):
                 self._exit()
 
         def encode(*args, **kwargs):
-            cap = None
-            if self.enabled and self.vision_signals:
-                cap = self.adapter.vision_capture(modality, self.vision_signals)
+            cap = self.captures.get(modality) if self.enabled else None
             if cap is not None:
+                self._read_signals(self.pending.get(modality))  # an earlier call's taps, before they restart
                 cap.start()
             try:
                 out = fn(*args, **kwargs)
@@ -299,26 +310,41 @@ class Engine(SelectMixin, DecodeMixin):
             except Exception:  # never break the model for bookkeeping; fall back to contiguous runs
                 pass
             if cap is not None:
-                info["signals"] = cap.items(out, args, kwargs)  # None (+ cap.error) when unavailable
-                info["note"], info["seconds"] = cap.error, cap.seconds
+                # read at the language model (``_read_signals``), not here: under torch.compile the forward
+                # that called the encoder has already broken its graph at the tower (transformers' own
+                # breaks), so tensor work here would be one more graph; at the LM it joins the prefill's
+                info["pending"] = (modality, cap, out, args, kwargs)
+                self.pending[modality] = info
             self.encoded.put(out, info)  # generate encodes once and hands the output back to the forward
             if self.call is not None and not self.call.decode:
                 if info["items"] is not None:
                     self.call.items[modality] = info["items"]
-                self._take_signals(self.call, modality, info)
+                self.call.encoded[modality] = info
             return out
 
         return wrapped
 
-    @staticmethod
-    def _take_signals(ctx: CallCtx, modality: str, info: dict) -> None:
-        if info["signals"] is not None:
-            ctx.signals[modality] = info["signals"]
-        if info["note"]:
-            ctx.notes.append(f"{modality}: {info['note']}")
-        secs = info["seconds"]
-        if secs is not None:
-            ctx.notes.append(("signal_s", secs))
+    def _read_signals(self, info: dict | None) -> None:
+        """Turn an encoder call's captured tower rows into per-item signals (None, with the reason in
+        ``info["note"]``, when unavailable); once."""
+        pending = None if info is None else info.pop("pending", None)
+        if pending is None:
+            return
+        modality, cap, out, args, kwargs = pending
+        if self.pending.get(modality) is info:
+            del self.pending[modality]
+        info["signals"] = cap.items(out, args, kwargs)
+        info["note"], info["seconds"] = cap.error, cap.seconds
+
+    def _take_signals(self, ctx: CallCtx) -> None:
+        for modality, info in ctx.encoded.items():
+            self._read_signals(info)
+            if info["signals"] is not None:
+                ctx.signals[modality] = info["signals"]
+            if info["note"]:
+                ctx.notes.append(f"{modality}: {info['note']}")
+            if info["seconds"] is not None:
+                ctx.notes.append(("signal_s", info["seconds"]))
 
     def _wrap_prepare(self, fn):
         import functools
@@ -358,6 +384,7 @@ class Engine(SelectMixin, DecodeMixin):
         def wrapped(input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
             orders = {}
             for modality, out in (mm_encoder_output or {}).items():
+                self._read_signals(self.encoded.get(out))  # from the outputs as encoded, before they repeat
                 feats = getattr(out, "pooler_output", None)
                 token_id = getattr(self.model.config, f"{modality}_token_id", None)
                 if feats is None or expand_size == 1 or input_ids is None or input_ids.numel() == 0 or token_id is None:
@@ -406,10 +433,11 @@ class Engine(SelectMixin, DecodeMixin):
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         ctx = CallCtx(input_ids=ids)
-        if ids is not None:
-            ctx.visual = self.adapter.visual_mask(ids)
+        if ids is not None:  # (the visual mask is computed at the LM, inside its graph when compiled)
             media = sum(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
             ctx.host_ids = prefetch_ids(ids, media)
+            if ctx.host_ids is not None and compiling():
+                ctx.host_rows = host_rows(ctx.host_ids, self.adapter)
         for name in ("image_grid_thw", "video_grid_thw", "image_sizes"):  # small layout inputs the adapters read
             t = kwargs.get(name)
             if isinstance(t, torch.Tensor):
@@ -425,7 +453,7 @@ class Engine(SelectMixin, DecodeMixin):
             if items is not None:
                 ctx.items[modality] = items
             if info is not None:
-                self._take_signals(ctx, modality, info)
+                ctx.encoded[modality] = info
         ltk = kwargs.get("logits_to_keep", 0)
         ctx.keep_full = not (isinstance(ltk, int) and ltk == 1)
         self.call = ctx
@@ -470,8 +498,9 @@ class Engine(SelectMixin, DecodeMixin):
         if cache is not None and cache.get_seq_length() > 0:
             return None  # continuing from a cache we did not prune: leave untouched
         x = kwargs.get("inputs_embeds")
-        if x is None or ctx.visual is None or ctx.visual.shape != x.shape[:2]:
+        if x is None or ctx.input_ids is None or ctx.input_ids.shape != x.shape[:2]:
             return None
+        ctx.visual = self.adapter.visual_mask(ctx.input_ids)
         b, l0, _ = x.shape
         dev = x.device
         mask = kwargs.get("attention_mask")
@@ -483,6 +512,7 @@ class Engine(SelectMixin, DecodeMixin):
             raise ValueError(f"mmprune cannot prune with a custom attention mask ({form}); pass a 2-D [batch, "
                              f"length] mask or None, or wrap with policy 'none' / budget 1.0 to pass it through")
         mask2d = torch.ones(b, l0, dtype=torch.long, device=dev) if mask is None else mask.long()
+        self._take_signals(ctx)
         lay = locate(ctx, self.adapter, dev)
         arange = torch.arange(l0, device=dev).expand(b, l0)
         v0 = lay.cols.shape[1]
@@ -495,7 +525,7 @@ class Engine(SelectMixin, DecodeMixin):
             totals=list(lay.n), counts=[list(o) for o in origin], nrows=[l0] * b,
             origin=origin, grids=[[g for _, _, g, _ in s] for s in lay.segs],
             vsig=[self._vision_signals(s) for s in lay.segs],
-            trace=Trace(n_visual=list(lay.n)),
+            trace=Trace.recording(list(lay.n)),
             embeds0=x if any("input_embeds" in s.policy.signals for s in self.stages) else None,
         )
         run.trace.notes.extend(self.notes)
@@ -580,7 +610,7 @@ class Engine(SelectMixin, DecodeMixin):
             run.pos_emb = tuple(t.expand(hidden.shape[0], *t.shape[1:]) for t in pe) if pe is not None else None
             run.pos_ids = kwargs.get("position_ids")
             # layers before K ran on the LM-input rows: record their token counts for FLOPs accounting
-            run.trace.layer_tokens = [run.mask2d.sum(-1)] * i
+            run.trace.layer_rows[:] = [run.mask2d.sum(-1)] * i
         for stage in stages:
             if run.fill is not None:
                 run.fill = scatter_tokens(run.fill.to(hidden.dtype), run.orig, hidden, check=False)
@@ -645,7 +675,7 @@ class Engine(SelectMixin, DecodeMixin):
     def _signals(self, attn, hidden, pe, needs: tuple, k_proj: torch.Tensor | None = None) -> dict:
         """LLM signals of the current rows, from ``attn``'s projections of its (normed) input ``hidden``."""
         run = self.run
-        t0 = time.perf_counter()
+        t0 = clock()
         valid = run.mask2d.bool()
         sig = {}
         if "attn" in needs:
@@ -661,5 +691,5 @@ class Engine(SelectMixin, DecodeMixin):
             sig["pagerank"] = pagerank_importance(attn, hidden, pe, valid, k_proj=k_proj)  # [B, P], AIM's importance
         if "llm_keys" in needs:  # what the KV cache holds: post-RoPE keys, heads concatenated (DART's)
             sig["llm_keys"] = rotary_keys(attn, hidden, pe, k_proj).permute(0, 2, 1, 3).flatten(2)  # [B, P, H_kv * hd]
-        run.trace.signal_seconds += time.perf_counter() - t0
+        run.trace.signal_seconds += clock() - t0
         return sig

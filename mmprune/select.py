@@ -10,7 +10,6 @@ builds.
 from __future__ import annotations
 
 import itertools
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from .apply import Run, apply_plan, gather_rows, gather_slots, stage_trace
 from .policies.base import Plan, Tokens, resolve_budget
 from .policies.batch import BatchPlan, BatchTokens, mask_positions, meta_tokens, slot_mask
-from .syncs import host_side
+from .syncs import clock, host_side
 
 if TYPE_CHECKING:
     from .engine import Stage
@@ -38,9 +37,9 @@ def _question_batch(run: Run) -> torch.Tensor:
     return mask_positions(q, max((r - t for r, t in zip(run.nrows, run.totals)), default=0))
 
 
-def _budgets(stage: Stage, counts: list) -> list:
-    """Per sample, per segment: the stage's budget resolved on the segment's current count (0 for 0)."""
-    return [[resolve_budget(stage.config.budget, c) for c in cs] for cs in counts]
+def _budgets(budget, counts) -> list:
+    """Per sample, per segment: a stage's budget resolved on the segment's current count (0 for 0)."""
+    return [[resolve_budget(budget, c) for c in cs] for cs in counts]
 
 
 def _plan_counts(plans: list, counts: list, segs: list | None = None) -> list:
@@ -60,6 +59,36 @@ def _plan_counts(plans: list, counts: list, segs: list | None = None) -> list:
     return out
 
 
+@torch._dynamo.assume_constant_result
+def _layout_plan(policy, budget, layer, counts: tuple, grids: tuple, origin: tuple, dev: str):
+    """A data-free policy's ``(BatchPlan on dev, totals)`` for one layout, from its per-sample ``select`` on
+    host metadata; cached on the policy. Under ``torch.compile`` this runs at trace time and its result is a
+    constant of the graph (``assume_constant_result``): the host work it does (``.cpu()``, bincount) would
+    otherwise break the graph (issue 20); the layout it depends on is guarded through its arguments."""
+    key = (budget, dev, counts, grids)
+    cache = policy.__dict__.setdefault("_plan_cache", {})
+    hit = cache.get(key)
+    if hit is None:
+        with host_side():
+            plans, ns = [], []
+            for cs, bs, gs, og in zip(counts, _budgets(budget, counts), grids, origin):
+                n = sum(cs)
+                ns.append(n)
+                if not n:
+                    plans.append(None)
+                    continue
+                plan = policy.select(meta_tokens(list(cs), bs, list(gs), layer, list(og)))
+                SelectMixin._check_plan(policy, plan, n)
+                plans.append(plan)
+            batch = BatchPlan.stack(plans, ns)
+            batch.counts = _plan_counts(plans, counts)
+            hit = (batch.to(torch.device(dev)), batch.totals)
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = hit
+    return hit
+
+
 class SelectMixin:
     """The engine's stage methods: select, then ``apply.apply_plan`` (mixed into ``Engine``)."""
 
@@ -68,7 +97,7 @@ class SelectMixin:
         survivors, index into the old rows)."""
         policy = stage.policy
         before = list(run.totals)
-        t0 = time.perf_counter()
+        t0 = clock()
         plan = None
         if getattr(policy, "batched", False):
             plan = policy.select_batch(self._batch_tokens(stage, run, feats, scores or {}))
@@ -78,7 +107,7 @@ class SelectMixin:
             plan, totals = self._data_free_plan(stage, run, feats.device)
         else:
             plan, totals = self._per_sample_plan(stage, run, feats, scores or {})
-        seconds = time.perf_counter() - t0
+        seconds = clock() - t0
         run.merged = run.merged or plan.assign is not None
         out, index = apply_plan(run, plan, feats, totals)
         run.trace.stages.append(stage_trace(policy.name, stage.layer, plan, before, totals, seconds))
@@ -93,7 +122,7 @@ class SelectMixin:
     def _batch_tokens(self, stage: Stage, run: Run, feats, scores: dict) -> BatchTokens:
         """The batch's visual tokens as padded tensors (native ``select_batch`` policies)."""
         counts = run.seg_counts()
-        budgets = _budgets(stage, counts)
+        budgets = _budgets(stage.config.budget, counts)
         signals = {}
         for name in ("attn", "pagerank"):  # LLM signals over the current rows -> the visual slots
             if scores.get(name) is not None:
@@ -147,36 +176,17 @@ class SelectMixin:
     def _data_free_plan(self, stage: Stage, run: Run, dev):
         """Plans that depend only on the layout (counts, budgets, grids): computed once on the host by the
         policy's own ``select``, cached per layout and device, reused without touching the device."""
-        counts = run.seg_counts()
-        key = (stage.config.budget, str(dev), tuple(tuple(c) for c in counts), tuple(tuple(g) for g in run.grids))
-        cache = stage.policy.__dict__.setdefault("_plan_cache", {})
-        hit = cache.get(key)
-        if hit is None:
-            with host_side():
-                plans, ns = [], []
-                for b, (cs, bs) in enumerate(zip(counts, _budgets(stage, counts))):
-                    n = sum(cs)
-                    ns.append(n)
-                    if not n:
-                        plans.append(None)
-                        continue
-                    plan = stage.policy.select(meta_tokens(cs, bs, run.grids[b], stage.layer, run.origin[b]))
-                    self._check_plan(stage, plan, n)
-                    plans.append(plan)
-                batch = BatchPlan.stack(plans, ns)
-                batch.counts = _plan_counts(plans, counts)
-                hit = (batch.to(dev), batch.totals)
-            if len(cache) > 64:
-                cache.clear()
-            cache[key] = hit
-        return hit
+        counts = tuple(tuple(c) for c in run.seg_counts())
+        grids = tuple(tuple(g) for g in run.grids)
+        return _layout_plan(stage.policy, stage.config.budget, stage.layer, counts, grids,
+                            tuple(tuple(o) for o in run.origin), str(dev))
 
     def _per_sample_plan(self, stage: Stage, run: Run, feats, scores: dict):
         """The slow path: each sample's ``Tokens``, the policy's per-sample ``select`` (custom policies and
         those without a batched port; syncs)."""
         sigs = set(stage.policy.signals)
         counts = run.seg_counts()
-        budgets = _budgets(stage, counts)
+        budgets = _budgets(stage.config.budget, counts)
         # the engine's own host views of every sample in one read (sequence index, segment, position, size)
         host = torch.stack([run.sequence_index(run.rows).double(), run.seg.double(), run.slot_positions().double(),
                             run.sizes().double()]).cpu()
@@ -192,7 +202,7 @@ class SelectMixin:
             q = None if q_all is None else (q_all[i][q_all[i] >= 0], q_seq[i][q_all[i] >= 0])
             tok = self._tokens(stage, run, i, feats, counts[i], budgets[i], scores, sigs, host[:, i, :n], q)
             plan: Plan = stage.policy.select(tok)
-            self._check_plan(stage, plan, n)
+            self._check_plan(stage.policy, plan, n)
             plans.append(plan)
         batch = BatchPlan.stack(plans, ns)
         batch.counts = _plan_counts(plans, counts, [host[1, i, :n].long() for i, n in enumerate(ns)])
@@ -251,7 +261,7 @@ class SelectMixin:
         )
 
     @staticmethod
-    def _check_plan(stage, plan: Plan, n: int) -> None:
+    def _check_plan(policy, plan: Plan, n: int) -> None:
         keep = plan.keep.long().cpu()
         bad = len(keep) and (keep.min() < 0 or keep.max() >= n or not bool((keep[1:] > keep[:-1]).all()))
         bad = bad or plan.reduce not in ("mean", "sum")
@@ -260,6 +270,6 @@ class SelectMixin:
             a = plan.assign.long().cpu()
             bad = a.shape != (n,) or a.max() >= len(keep) or not torch.equal(a[keep], torch.arange(len(keep)))
         if bad:
-            raise ValueError(f"policy {stage.policy.name!r} returned an invalid plan: keep must be sorted unique "
+            raise ValueError(f"policy {policy.name!r} returned an invalid plan: keep must be sorted unique "
                              "indices < n, assign [n] must map kept tokens to their own position, reduce "
                              "must be 'mean' or 'sum', and combine (with assign) must be [len(keep), n]")

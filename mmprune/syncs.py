@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import Counter
 
 import torch
@@ -51,11 +52,26 @@ _HOST_METHODS = ("tolist", "cpu", "numpy")
 _HOST = threading.local()
 
 
+def compiling() -> bool:
+    """True while ``torch.compile`` / ``torch.export`` trace a wrapped forward (issue 20). Host-only
+    bookkeeping (the engine's thread lock, wall-clock timers, sync counting) is skipped there: dynamo cannot
+    trace it (each would be a graph break), and a compiled graph would not run it again anyway."""
+    return torch.compiler.is_compiling()
+
+
+def clock() -> float:
+    """``time.perf_counter()`` in eager mode; 0.0 while tracing (a compiled stage records no seconds)."""
+    return 0.0 if compiling() else time.perf_counter()
+
+
 @contextlib.contextmanager
 def host_side():
     """Mark work on host copies (layout metadata already read, plans of data-free policies): ops inside
     touch no device data, so the recorder does not count them. The read that made the host copy is
     counted where it happens."""
+    if compiling():
+        yield
+        return
     depth = getattr(_HOST, "depth", 0)
     _HOST.depth = depth + 1
     try:

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _none():
+    return None
+
+
 @dataclass
 class StageTrace:
     """One stage of the last prefill.
@@ -25,29 +29,38 @@ class StageTrace:
     kept: list[torch.Tensor]
     n_before: list[int]
     n_after: list[int]
-    scores: list[torch.Tensor] | None = None
+    # lazy fields default through a factory: a plain ``= None`` would be a class attribute, found before
+    # ``__getattr__`` is ever asked
+    scores: list[torch.Tensor] | None = field(default_factory=_none)
     merged: bool = False
     seconds: float = 0.0
-    assign: list[torch.Tensor | None] | None = None
+    assign: list[torch.Tensor | None] | None = field(default_factory=_none)
 
     # The engine records a stage as device tensors and converts them to these host lists only when a
-    # field is read (a device-to-host copy: a sync on a GPU, which the prefill itself must not make).
+    # field is first read (a device-to-host copy: a sync on a GPU, which the prefill itself must not make).
+    # ``__getattr__`` (called only for a missing attribute), not ``__getattribute__``: torch.compile traces
+    # the construction of a plain class, and cannot trace a custom ``__getattribute__`` (issue 20).
     _LAZY = ("kept", "scores", "assign")
 
     @classmethod
-    def lazy(cls, policy, layer, n_before, n_after, merged, seconds, materialise) -> StageTrace:
-        out = cls(policy, layer, None, n_before, n_after, None, merged, seconds, None)
-        out.__dict__["_pending"] = materialise
+    def lazy(cls, policy, layer, n_before, n_after, merged, seconds, keep, scores=None, assign=None) -> StageTrace:
+        """A stage recorded as device tensors: ``keep [B, K]`` (-1 padded), ``scores`` / ``assign [B, N]``."""
+        out = cls.__new__(cls)
+        out.policy, out.layer, out.n_before, out.n_after = policy, layer, n_before, n_after
+        out.merged, out.seconds = merged, seconds
+        out._device = (keep, scores, assign)
         return out
 
-    def __getattribute__(self, name):
-        if name in StageTrace._LAZY:
-            d = object.__getattribute__(self, "__dict__")
-            pending = d.get("_pending")
-            if pending is not None:
-                del d["_pending"]
-                d.update(pending())
-        return object.__getattribute__(self, name)
+    def __getattr__(self, name):
+        d = self.__dict__
+        if name not in StageTrace._LAZY or "_device" not in d:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        keep, scores, assign = d.pop("_device")
+        kh = keep.cpu()
+        d["kept"] = [kh[i, :t] for i, t in enumerate(self.n_after)]
+        d["scores"] = None if scores is None else [scores[i, :n].detach().float().cpu() for i, n in enumerate(self.n_before)]
+        d["assign"] = None if assign is None else [assign[i, :n].long().cpu() for i, n in enumerate(self.n_before)]
+        return d[name]
 
 
 @dataclass
@@ -73,17 +86,25 @@ class Trace:
     # the pixel inputs the vision tower ran on when a policy changed them (``downsample``), for its FLOPs
     tower_inputs: dict | None = None
 
-    def __getattribute__(self, name):
-        if name == "layer_tokens":  # recorded as device tensors [B]; host lists once read (see StageTrace)
-            rows = object.__getattribute__(self, "__dict__")["layer_tokens"]
-            if any(isinstance(r, torch.Tensor) for r in rows):
-                host: dict = {}  # layers after a stage share its tensor: one read each, not one per layer
-                for r in rows:
-                    if isinstance(r, torch.Tensor) and id(r) not in host:
-                        host[id(r)] = [int(v) for v in r.tolist()]
-                rows[:] = [host[id(r)] if isinstance(r, torch.Tensor) else r for r in rows]
-            return rows
-        return object.__getattribute__(self, name)
+    @classmethod
+    def recording(cls, n_visual: list[int]) -> Trace:
+        """A trace the engine fills during a prefill: ``layer_tokens`` is recorded as device tensors ``[B]``
+        (``layer_rows``) and becomes host lists when first read (see ``StageTrace``)."""
+        out = cls.__new__(cls)
+        out.stages, out.n_visual, out.signal_seconds, out.notes, out.tower_inputs = [], n_visual, 0.0, [], None
+        out.layer_rows = []
+        return out
+
+    def __getattr__(self, name):
+        d = self.__dict__
+        if name != "layer_tokens" or "layer_rows" not in d:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        host: dict = {}  # layers after a stage share its tensor: one read each, not one per layer
+        for r in d["layer_rows"]:
+            if isinstance(r, torch.Tensor) and id(r) not in host:
+                host[id(r)] = [int(v) for v in r.tolist()]
+        d["layer_tokens"] = [host[id(r)] if isinstance(r, torch.Tensor) else r for r in d.pop("layer_rows")]
+        return d["layer_tokens"]
 
     @property
     def policy_seconds(self) -> float:

@@ -503,7 +503,9 @@ def test_missing_signal_uses_documented_fallback_and_says_so(monkeypatch):
     class Broken:
         error = "vision signals unavailable (test)"
         seconds = 0.0
+        handles: list = []
 
+        def install(self): ...
         def start(self): ...
         def stop(self): ...
         def items(self, *a): return None

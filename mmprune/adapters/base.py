@@ -4,51 +4,64 @@ transformers 5: ``model.model.language_model`` (``.layers``, ``.norm``) and ``mo
 
 from __future__ import annotations
 
-import time
-
 import torch
+
+from ..syncs import clock
 
 
 class VisionCapture:
-    """Hooks installed on a vision tower for one encoder call; afterwards, per-item signals.
+    """Hooks on a vision tower, installed once at wrap time and live for one encoder call at a time; after a
+    call, per-item signals.
 
     Subclasses implement ``_install()`` (append handles to ``self.handles``; hook bodies go through
-    ``self._guard`` so a failing tap never breaks the model) and ``_items(output, args, kwargs)`` returning,
-    per image / video in encoder order, a dict ``{signal: tensor with one row per visual token}``.
-    Anything that cannot be mapped exactly raises; the engine then passes None and the policy uses its
-    documented fallback, with the reason in ``Trace.notes`` (never a silently wrong index).
+    ``self._guard`` so a failing tap never breaks the model and an idle tap does nothing), ``_reset()`` (the
+    per-call state) and ``_items(output, args, kwargs)`` returning, per image / video in encoder order, a
+    dict ``{signal: tensor with one row per visual token}``. Anything that cannot be mapped exactly raises;
+    the engine then passes None and the policy uses its documented fallback, with the reason in
+    ``Trace.notes`` (never a silently wrong index). The hooks stay installed between calls (``active`` gates
+    them) because registering a hook inside a compiled forward is a graph break (``RemovableHandle.next_id``
+    is a class attribute torch.compile will not trace a write to).
     """
 
     def __init__(self, adapter, modality: str, names: tuple) -> None:
         self.adapter, self.modality, self.names = adapter, modality, names
         self.handles: list = []
+        self.start()
+        self.stop()  # the per-call state exists before the first call; idle until an encoder call starts it
+
+    def install(self) -> None:
+        self._install()
+
+    def start(self) -> None:
         self.rows: list = []
         self.error: str | None = None
         self.seconds = 0.0
-
-    def start(self) -> None:
-        self._install()
+        self._reset()
+        self.active = True
 
     def stop(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        self.active = False
+
+    def _reset(self) -> None:
+        """Clear what one encoder call leaves behind (subclasses with more per-call state extend this)."""
 
     def _guard(self, fn):
         def hook(*a, **k):
-            t0 = time.perf_counter()
+            if not self.active:
+                return None
+            t0 = clock()
             try:
                 with torch.no_grad():
                     fn(*a, **k)
             except Exception as e:  # the model must run even if a tap fails
                 self.error = self.error or f"vision signal tap failed ({type(e).__name__}: {e})"
-            self.seconds += time.perf_counter() - t0
+            self.seconds += clock() - t0
             return None
 
         return hook
 
     def items(self, output, args, kwargs):
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             if self.error:
                 return None
@@ -58,7 +71,7 @@ class VisionCapture:
             self.error = f"vision signals unavailable ({type(e).__name__}: {e})"
             return None
         finally:
-            self.seconds += time.perf_counter() - t0
+            self.seconds += clock() - t0
 
     def _install(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -153,8 +166,11 @@ class Adapter:
 
     def encoder_items(self, modality, output, args, kwargs):
         """Per image / video, in order: (token count, (t, h, w) grid or None), from an encoder output."""
-        feats = output.pooler_output
-        return [(int(f.shape[0]), self.grid_of(modality, int(f.shape[0]), i, args, kwargs)) for i, f in enumerate(feats)]
+        items = []  # a loop, not a comprehension: compiled as a frame of its own, a comprehension breaks the graph
+        for i, f in enumerate(output.pooler_output):
+            n = int(f.shape[0])
+            items.append((n, self.grid_of(modality, n, i, args, kwargs)))
+        return items
 
     def grid_of(self, modality, n, i, args, kwargs):
         return None
@@ -174,7 +190,8 @@ class Adapter:
 
     # -- vision-tower signals
     def vision_capture(self, modality: str, names: tuple):
-        """A ``VisionCapture`` for one encoder call, or None when the family has no tap (policies fall back)."""
+        """A ``VisionCapture`` for this modality's encoder calls, or None when the family has no tap (policies
+        fall back)."""
         return None
 
     # -- extras

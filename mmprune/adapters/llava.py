@@ -65,14 +65,16 @@ class ClipTowerCapture(VisionCapture):
         self.hs_index = j
         attn = self.layers[max(j - 1, 0)].self_attn
         self.handles.append(attn.register_forward_pre_hook(self._guard(self._tap), with_kwargs=True))
-        self.next_rows: list = []
         if {"next_cls_attn", "next_keys"} & set(self.names) and self.has_cls and j < n:
             nxt = self.layers[j].self_attn
             self.handles.append(nxt.register_forward_pre_hook(self._guard(self._tap_next), with_kwargs=True))
-        self.tower_assign: list = []
         if getattr(self.adapter, "_tower_merge", None) is not None and "tower_assign" in self.names:
             proj = self.adapter.inner().multi_modal_projector
             self.handles.append(proj.register_forward_pre_hook(self._merge_before_projector, with_kwargs=True))
+
+    def _reset(self) -> None:
+        self.next_rows: list = []
+        self.tower_assign: list = []
 
     def _merge_before_projector(self, module, args, kwargs):
         """VisionZip / PruMerge+ as their official code: select on the tower signals and merge the *tower*
@@ -84,6 +86,8 @@ class ClipTowerCapture(VisionCapture):
         from ..policies.base import Tokens
         from ..policies.batch import BatchPlan, BatchTokens
 
+        if not self.active:
+            return None
         engine, policy = self.adapter._tower_merge
         x = args[0] if args else kwargs["image_features"]
         try:
