@@ -109,7 +109,7 @@ def _saved_configs(model) -> list[PruneConfig]:
         raise ValueError(f"{path}: not a valid {SAVED_FILE} ({e})") from None
 
 
-def wrap(model, policy=None, *, budget=None, layer=None, **options):
+def wrap(model, policy=None, *, budget=None, layer=None, static=False, **options):
     """Install token reduction on ``model`` in place and return it.
 
     ``policy`` is a registered name (see ``mmprune.policies()``), a ``PruneConfig``, or a list of them
@@ -119,7 +119,11 @@ def wrap(model, policy=None, *, budget=None, layer=None, **options):
     ``copy.deepcopy`` of a wrapped model is a wrapped copy (its own hooks on its own modules); pickling one
     (``torch.save(model)``) raises: save the ``state_dict`` (or ``save_pretrained``), wrap again after loading.
     ``save_pretrained`` of a wrapped model writes the unwrapped files plus ``mmprune.json``; ``policy=None``
-    wraps a model loaded from such a folder the way it was saved.
+    wraps a model loaded from such a folder the way it was saved. ``static=True`` refuses policies whose kept
+    count depends on the data (``adaptive``): with a fixed count every tensor's shape follows from the prompt's
+    layout alone (ragged batches pad to the longest sample), which is what CUDA graphs, ``torch.compile``
+    without recompilation and ``torch.export`` need; the switch makes a pipeline that relies on it fail at
+    wrap time instead of recompiling per prompt.
 
     Example:
         >>> import mmprune
@@ -136,11 +140,22 @@ def wrap(model, policy=None, *, budget=None, layer=None, **options):
         policy = _saved_configs(model)
     configs = _configs(policy, budget, layer, options)
     stages = _stages(adapter, configs)
+    if static:
+        adaptive = list(dict.fromkeys(s.policy.name for s in stages if not _fixed_count(s.policy)))
+        if adaptive:
+            raise ValueError(f"static=True needs policies with a fixed kept count; {', '.join(adaptive)} choose "
+                             "theirs from the data (pass adaptive=False where the policy offers it, or pick a "
+                             "policy whose count is its budget)")
     unwrap(model)
     engine = Engine(model, adapter, stages, configs)
     engine.install()
     model.__dict__["_mmprune"] = engine
     return model
+
+
+def _fixed_count(policy) -> bool:
+    """Whether a policy keeps exactly its budget's count (no data-dependent count)."""
+    return not getattr(policy, "adaptive", False) or policy.options.get("adaptive") is False
 
 
 def _engine(model):

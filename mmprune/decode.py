@@ -11,7 +11,6 @@ call (one per decode step and pruned layer type before issue 19).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -26,12 +25,18 @@ def _cache_of(kwargs: dict):
     return kwargs.get("past_key_values") if cache is None else cache
 
 
-@functools.cache
-def _cache_kw(fn) -> str:
-    """The name ``create_causal_mask`` (or the sliding-window one) takes the cache under (5.24: ``cache``)."""
-    import inspect
+_CACHE_KW: dict = {}
 
-    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+def _cache_kw(fn) -> str:
+    """The name ``create_causal_mask`` (or the sliding-window one) takes the cache under (5.24: ``cache``).
+    A plain dict, not ``functools.cache``: dynamo warns that it traces through an lru_cache wrapper."""
+    kw = _CACHE_KW.get(fn)
+    if kw is None:
+        import inspect
+
+        kw = _CACHE_KW[fn] = "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    return kw
 
 
 @dataclass
@@ -43,6 +48,7 @@ class SeqState:
     index0: torch.Tensor  # [B, P] original column of each pre-LLM row (-1 = pad)
     stage_masks: dict = field(default_factory=dict)  # layer -> [B, P_K] 2-D mask of the prompt at layer K
     buffers: dict = field(default_factory=dict)  # the generation's mask buffers (``_grown``)
+    fixed: int = 0  # > 0: decode masks come in the cache's columns, padded to this width (a static cache)
 
 
 def _grown(state: SeqState, key, head, tail: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -73,8 +79,10 @@ class DecodeMixin:
         ref = kwargs.get("inputs_embeds")
         q = ref.shape[1]
         p = state.index0.shape[1]
-        cached = cache.get_seq_length()
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and state.fixed and mask.shape[1] == state.fixed:
+            pass  # already in the cache's columns, with its position ids (Engine._fixed_width_step)
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            cached = cache.get_seq_length()
             if mask.shape[1] == state.full_len + (cached - p) + q:
                 if kwargs.get("position_ids") is None:
                     kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]

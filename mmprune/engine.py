@@ -129,10 +129,16 @@ class Engine(SelectMixin, DecodeMixin):
         self.decode_state: SeqState | None = None
         self.decode_masks: dict = {}
         self.decode_lm_mask: torch.Tensor | None = None
+        # (cache, SeqState) of the decode step generate is about to run, set eagerly by ``_wrap_prepare``: a
+        # compiled step reads the state from here, not from ``caches`` (keyed by ``id(cache)``: dynamo guards
+        # on that identity, so every new generation would recompile)
+        self.step: tuple | None = None
         self.caches = Beside()  # a KV cache this engine pruned the prompt of -> its SeqState
         self.encoded = Beside()  # an encoder output -> {"items", "signals", "note", "seconds"[, "pending"]}
         self.pending: dict = {}  # modality -> the info of an encoder call whose tower signals are still unread
-        self._traces: dict = {}  # thread id -> the last prefill's Trace in that thread (None: the latest of any)
+        # thread id -> the last prefill's Trace in that thread (None: the latest of any). Never empty: a compiled
+        # forward guards on the dict's emptiness, so a first call would recompile the second (measured)
+        self._traces: dict = {None: None}
         self.last_host_read = False  # the last prefill's layout needed the host copy of input_ids
         # One forward at a time: the per-call state above lives on the engine (and on the adapter's vision
         # taps), so forwards from several threads are serialised (``_enter`` / ``_exit``), not interleaved.
@@ -356,21 +362,56 @@ class Engine(SelectMixin, DecodeMixin):
             cache = _cache_of(kwargs)
             state = self.caches.get(cache) if cache is not None else None
             nsl = kwargs.get("next_sequence_length")
+            first = kwargs.get("is_first_iteration", False)
             if state is not None and ids is not None and nsl is not None:
                 # continuing from a pruned cache with the whole conversation as input_ids (a chat's next turn):
                 # generate counts the new tokens from the cache's (pruned) length; count them from the length
                 # the cache stands for instead
-                past = cache.get_seq_length()
+                past = int(cache.get_seq_length())
                 if nsl == ids.shape[1] - past:
                     kwargs["next_sequence_length"] = ids.shape[1] - (state.full_len + past - state.index0.shape[1])
             out = fn(*args, **kwargs)
+            # a decode step: after generate's first iteration one new token per step needs no read; a first
+            # iteration (a new turn on a pruned cache, or a reset static cache) reads the cache length once
+            q = None if ids is None else ids.shape[1] if nsl is None else nsl
+            known = not first and q == 1
+            self.step = (cache, state) if state is not None and (known or int(cache.get_seq_length()) > 0) else None
             # generate() pre-builds 4-D masks for static caches from the *full-length* 2-D mask; after
             # pruning the cache is shorter, so hand the 2-D mask on and let the LM build the mask itself.
             if self.enabled and "attention_mask" in out and (mask is None or mask.dim() == 2):
                 out["attention_mask"] = mask
+                if self.step is not None and (mask is not None or ids is not None):
+                    full = mask if mask is not None else torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
+                    self._fixed_width_step(out, cache, state, full)
             return out
 
         return wrapped
+
+    def _fixed_width_step(self, out: dict, cache, state: SeqState, mask: torch.Tensor) -> None:
+        """For a compileable (static) cache, hand a decode step the mask in the cache's own columns, padded to
+        the cache's capacity: fixed-shape, so a compiled step neither reads the cache length (a device scalar)
+        nor sees a mask that grows every step (measured on a tiny LLaVA: 9-10 graphs per generation with the
+        growing mask, the unwrapped model's one graph with this). Position ids come from generate, which
+        keeps them from the full-length mask; where it does not, a 1-D RoPE family's are the full mask's
+        running count, computed here (eagerly, outside the compiled step), and other families (M-RoPE) keep
+        the growing mask."""
+        get = getattr(cache, "get_max_cache_shape", None) or getattr(cache, "get_max_length", None)
+        width = get() if get is not None else None  # a static cache's capacity (dynamic ones: -1 / None)
+        ids = out.get("input_ids")
+        if not (getattr(cache, "is_compileable", False) and isinstance(width, int) and width > 0 and ids is not None):
+            return
+        q, p = ids.shape[1], state.index0.shape[1]
+        if mask.shape[1] - state.full_len + p > width:
+            return
+        if out.get("position_ids") is None:
+            if not self.adapter.text_positions:
+                return
+            out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
+        fixed = torch.zeros(mask.shape[0], width, dtype=mask.dtype, device=mask.device)
+        fixed[:, :p] = gather_rows(mask[:, : state.full_len], state.index0, 1)
+        fixed[:, p : p + mask.shape[1] - state.full_len] = mask[:, state.full_len :]
+        out["attention_mask"] = fixed
+        state.fixed = width
 
     def _wrap_expand(self, fn):
         """``generate`` encodes the images once, then repeats the encoder outputs for ``num_beams`` /
@@ -417,8 +458,12 @@ class Engine(SelectMixin, DecodeMixin):
         if not self.enabled:
             return None
         cache = _cache_of(kwargs)
-        state = self.caches.get(cache) if cache is not None else None
-        if state is not None and cache.get_seq_length() > 0:
+        if self.step is not None and self.step[0] is cache:  # generate's decode step: known without a read
+            state, decoding = self.step[1], True
+        else:
+            state = self.caches.get(cache) if cache is not None else None
+            decoding = state is not None and self._has_past(cache)
+        if decoding:
             self.call = CallCtx(decode=True)
             self.decode_state = state
             if kwargs.get("attention_mask") is None:
@@ -436,12 +481,14 @@ class Engine(SelectMixin, DecodeMixin):
         if ids is not None:  # (the visual mask is computed at the LM, inside its graph when compiled)
             media = sum(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
             ctx.host_ids = prefetch_ids(ids, media)
-            if ctx.host_ids is not None and compiling():
+            if ctx.host_ids is not None and compiling() and not torch.compiler.is_exporting():
                 ctx.host_rows = host_rows(ctx.host_ids, self.adapter)
         for name in ("image_grid_thw", "video_grid_thw", "image_sizes"):  # small layout inputs the adapters read
             t = kwargs.get(name)
             if isinstance(t, torch.Tensor):
                 self.adapter.host_copies[name] = (t, HostCopy(t))
+                if compiling():  # read here, outside the towers' graphs
+                    self.adapter.host_copies[name][1].values()
         for modality, out in (kwargs.get("mm_encoder_outputs") or {}).items():
             info = self.encoded.get(out) if out is not None else None
             items = None if info is None else info["items"]
@@ -459,8 +506,19 @@ class Engine(SelectMixin, DecodeMixin):
         self.call = ctx
         return None
 
+    @staticmethod
+    def _has_past(cache) -> bool:
+        """Whether ``cache`` already holds tokens. A compileable cache counts them on the device; while
+        dynamo traces, such a count is data, and generate compiles only decode steps (which ``self.step``
+        identifies), so a traced forward that gets here is a prefill into a fresh cache."""
+        seen = cache.get_seq_length()
+        if isinstance(seen, torch.Tensor):
+            return False if compiling() else bool(seen > 0)
+        return seen > 0
+
     def _top_post(self, module, args, output):
         self.adapter.host_copies.clear()
+        self.step = None
         self.call, self.run, self.decode_state, self.decode_masks, self.decode_lm_mask = None, None, None, {}, None
         self._exit()
         return None
@@ -495,7 +553,7 @@ class Engine(SelectMixin, DecodeMixin):
         if ctx.decode:
             return self._lm_decode(args, kwargs)
         cache = _cache_of(kwargs)
-        if cache is not None and cache.get_seq_length() > 0:
+        if cache is not None and self._has_past(cache):
             return None  # continuing from a cache we did not prune: leave untouched
         x = kwargs.get("inputs_embeds")
         if x is None or ctx.input_ids is None or ctx.input_ids.shape != x.shape[:2]:

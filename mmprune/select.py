@@ -17,7 +17,7 @@ import torch
 from .apply import Run, apply_plan, gather_rows, gather_slots, stage_trace
 from .policies.base import Plan, Tokens, resolve_budget
 from .policies.batch import BatchPlan, BatchTokens, mask_positions, meta_tokens, slot_mask
-from .syncs import clock, host_side
+from .syncs import clock, compiling, host_side, real_tensors
 
 if TYPE_CHECKING:
     from .engine import Stage
@@ -69,7 +69,7 @@ def _layout_plan(policy, budget, layer, counts: tuple, grids: tuple, origin: tup
     cache = policy.__dict__.setdefault("_plan_cache", {})
     hit = cache.get(key)
     if hit is None:
-        with host_side():
+        with host_side(), real_tensors():
             plans, ns = [], []
             for cs, bs, gs, og in zip(counts, _budgets(budget, counts), grids, origin):
                 n = sum(cs)
@@ -262,6 +262,8 @@ class SelectMixin:
 
     @staticmethod
     def _check_plan(policy, plan: Plan, n: int) -> None:
+        if compiling():  # the checks read values; a traced plan was checked on its eager calls (or is built in)
+            return
         keep = plan.keep.long().cpu()
         bad = len(keep) and (keep.min() < 0 or keep.max() >= n or not bool((keep[1:] > keep[:-1]).all()))
         bad = bad or plan.reduce not in ("mean", "sum")

@@ -65,6 +65,28 @@ def clock() -> float:
 
 
 @contextlib.contextmanager
+def real_tensors():
+    """Real tensors inside: host metadata (a data-free policy's layout plan) while ``torch.export`` traces
+    with fake tensors, where a ``.tolist()`` of them would be a data-dependent guard. The result is a constant
+    of the exported program, as ``assume_constant_result`` makes it one of a compiled graph."""
+    if not torch.compiler.is_exporting():
+        yield
+        return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        yield
+
+
+@torch.compiler.disable
+def host_list(t: torch.Tensor) -> list:
+    """``t.tolist()`` for a policy's documented once-per-stage read: under ``torch.compile`` one graph break
+    (dynamo breaks at every element of a bare ``tolist``: 15 breaks for DART on a tiny LLaVA, measured)."""
+    return t.tolist()
+
+
+@contextlib.contextmanager
 def host_side():
     """Mark work on host copies (layout metadata already read, plans of data-free policies): ops inside
     touch no device data, so the recorder does not count them. The read that made the host copy is

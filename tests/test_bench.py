@@ -181,6 +181,9 @@ def _cli(argv, capsys):
     (["--arch", "llava-1.5-7b", "--frames", "4"], "video architectures only"),
     (["--arch", "qwen2-vl-7b", "--baseline", "eager-vtw"], "accepted: eager-fastv"),
     (["--arch", "qwen2-vl-7b", "--shrink", "0"], "--shrink must be"),
+    (["--arch", "llava-1.5-7b", "--compile", "--compile-backend", "tvm"], "accepted: inductor, aot_eager, eager"),
+    (["--arch", "llava-1.5-7b", "--compile", "--compile-mode", "fast"], "accepted: default, reduce-overhead"),
+    (["--arch", "llava-1.5-7b", "--compile", "--baseline", "eager-fastv"], "--baseline is not timed with --compile"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, match, capsys):
     rc, out, err = _cli(["bench", *argv], capsys)
@@ -243,3 +246,23 @@ def test_oracle_is_timed_and_carried_in_json(arch, policy, capsys):
     plain = json.loads(_cli(["bench", "--arch", arch, "--shrink", "32", "--repeats", "1", "--warmup", "0",
                              "--new-tokens", "2", "--prompt-tokens", "8", "--no-memory", "--json"], capsys)[1])
     assert "oracle_ms" not in plain and plain["pruned"]["oracle_ms"] is None  # not timed unless asked
+
+
+@pytest.mark.parametrize("arch, policy", [("llava-1.5-7b", "fastv"), ("qwen2-vl-7b", "uniform")])
+def test_compiled_bench_times_full_pruned_and_oracle(arch, policy, capsys):
+    """``--compile`` (aot_eager here: inductor's C++ build would dominate a CI run): three compiled copies, the
+    pruned one computing what the eager one does, decode through the static cache, figures in the JSON."""
+    rc, out, err = _cli(["bench", "--arch", arch, "--shrink", "32", "--policy", policy, "--budget", "0.25",
+                         "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--prompt-tokens", "8",
+                         "--threads", "1", "--compile", "--compile-backend", "aot_eager", "--json"], capsys)
+    assert rc == 0, err
+    res = json.loads(out)
+    c = res["compiled"]
+    assert set(c) == {"full", "pruned", "oracle"} and res["setup"]["backend"] == "aot_eager"
+    assert all(c[k]["prefill_ms"] > 0 and c[k]["compile_s"] > 0 for k in c)
+    assert c["full"]["decode_tokens_per_s"] > 0 and c["pruned"]["decode_tokens_per_s"] > 0
+    assert c["oracle"]["decode_tokens_per_s"] is None  # only the prefill is cut
+    assert c["pruned"]["max_abs_diff_vs_eager"] < 1e-4
+    assert res["oracle_efficiency"] == pytest.approx(c["oracle"]["prefill_ms"] / c["pruned"]["prefill_ms"])
+    assert res["speedup"] == pytest.approx(c["full"]["prefill_ms"] / c["pruned"]["prefill_ms"])
+    assert res["ideal_speedup"] > 1 and res["visual_tokens"] < res["setup"]["inputs"]["visual_tokens"]

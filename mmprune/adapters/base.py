@@ -103,6 +103,8 @@ class Adapter:
     family = ""
     model_types: tuple[str, ...] = ()
     modalities: tuple[str, ...] = ("image",)
+    # a decode step's position ids are the running count of the 2-D mask (1-D RoPE); False for M-RoPE
+    text_positions = True
 
     def __init__(self, model) -> None:
         self.model = model
@@ -187,6 +189,13 @@ class Adapter:
         if pre is not None and pre[0] is t:
             return pre[1].get()
         return t.cpu()
+
+    def host_values(self, name: str, t: torch.Tensor) -> list:
+        """``host_of(name, t).tolist()``, from the prefetched copy's kept list where there is one."""
+        pre = self.host_copies.get(name)
+        if pre is not None and pre[0] is t:
+            return pre[1].values()
+        return t.tolist()
 
     # -- vision-tower signals
     def vision_capture(self, modality: str, names: tuple):

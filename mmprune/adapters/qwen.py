@@ -58,9 +58,8 @@ class QwenTowerCapture(VisionCapture):
         full = not hasattr(visual, "window_size") or (len(visual.blocks) - 1) in getattr(visual, "fullatt_block_indexes", ())
         pre = self.adapter.host_copies.get(f"{self.modality}_grid_thw")
         if full and pre is not None:
-            with host_side():
-                frames = [int(h) * int(w) for t, h, w in pre[1].get().tolist() for _ in range(int(t))]
-                out = [0, *itertools.accumulate(frames)]
+            frames = [int(h) * int(w) for t, h, w in pre[1].values() for _ in range(int(t))]
+            out = [0, *itertools.accumulate(frames)]
             if len(out) == cu.shape[0]:
                 return out
         return cu.tolist()
@@ -75,8 +74,8 @@ class QwenTowerCapture(VisionCapture):
         m2 = visual.spatial_merge_size**2
         sig = self.rows[0]
         sig = sig.view(sig.shape[0] // m2, m2, -1).mean(1)
-        host = self.adapter.host_of(f"{self.modality}_grid_thw", grid)  # the engine's prefetched copy
         if hasattr(visual, "window_size"):  # Qwen2.5-VL: blocks run in window order
+            host = self.adapter.host_of(f"{self.modality}_grid_thw", grid)  # the engine's prefetched copy
             from transformers.vision_utils import get_vision_window_index
 
             with host_side():  # the window layout from the host grid: no device read
@@ -85,8 +84,7 @@ class QwenTowerCapture(VisionCapture):
                     patch_size=visual.patch_size,
                 )
             sig = sig[torch.argsort(window_index).to(sig.device, non_blocking=True)]
-        with host_side():
-            sizes = (host.prod(-1) // m2).tolist()
+        sizes = [t * h * w // m2 for t, h, w in self.adapter.host_values(f"{self.modality}_grid_thw", grid)]
         feats = output.pooler_output
         if [int(f.shape[0]) for f in feats] != sizes:
             raise ValueError("signal layout does not match the encoder's tokens")
@@ -97,6 +95,7 @@ class QwenVLAdapter(Adapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
     modalities = ("image", "video")
+    text_positions = False  # M-RoPE: the model derives decode positions from its rope_deltas
 
     def grid_of(self, modality, n, i, args, kwargs):
         grid = kwargs.get(f"{modality}_grid_thw")
@@ -105,9 +104,7 @@ class QwenVLAdapter(Adapter):
         if grid is None:
             return None
         m = self.config.vision_config.spatial_merge_size
-        host = self.host_of(f"{modality}_grid_thw", grid)  # a read only if the engine did not prefetch it
-        with host_side():
-            t, h, w = (int(v) for v in host[i].tolist())
+        t, h, w = self.host_values(f"{modality}_grid_thw", grid)[i]  # a read only if the engine did not prefetch it
         return (t, h // m, w // m) if t * (h // m) * (w // m) == n else None
 
 

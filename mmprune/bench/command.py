@@ -56,6 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oracle", action="store_true",
                    help="also time the unwrapped model cut to the pruned run's per-layer token counts "
                         "(oracle_efficiency = oracle / pruned prefill time)")
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile'd copies instead: unpruned vs pruned vs the oracle, prefill and "
+                        "static-cache decode (compile time reported, not timed)")
+    p.add_argument("--compile-backend", default="inductor", metavar="B",
+                   help="with --compile: inductor (default), aot_eager or eager")
+    p.add_argument("--compile-mode", default="default", metavar="M",
+                   help="with --compile: default, reduce-overhead (CUDA graphs on a GPU) or max-autotune")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -92,6 +99,15 @@ def validate(args) -> None:
                          f"{args.arch} takes images (use --image-size)")
     if args.baseline not in (None, "eager-fastv"):
         raise ValueError(f"unknown baseline {args.baseline!r}; accepted: eager-fastv")
+    if getattr(args, "compile", False):
+        from .compiled import BACKENDS, MODES
+
+        if args.baseline is not None:
+            raise ValueError("--baseline is not timed with --compile (the compiled run compares full, pruned and oracle)")
+        if args.compile_backend not in BACKENDS:
+            raise ValueError(f"unknown --compile-backend {args.compile_backend!r}; accepted: {', '.join(BACKENDS)}")
+        if args.compile_mode not in MODES:
+            raise ValueError(f"unknown --compile-mode {args.compile_mode!r}; accepted: {', '.join(MODES)}")
     from ..config import validate_budget
     from ..policies import policies
 
@@ -117,6 +133,17 @@ def bench(args) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
+    if getattr(args, "compile", False):
+        from .compiled import run_compiled
+
+        res = run_compiled(
+            args.arch, policy=args.policy, budget=args.budget, layer=args.layer, shrink=args.shrink,
+            batch_size=args.batch_size, image_size=args.image_size, frames=args.frames or 0,
+            prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, device=args.device, dtype=args.dtype,
+            repeats=args.repeats, warmup=args.warmup, backend=args.compile_backend, mode=args.compile_mode,
+            log=None if args.json else (lambda m: print(m, file=sys.stderr)),
+        )
+        return {"arch": args.arch, "shrink": args.shrink, "policy": args.policy, "budget": args.budget, **res}
     pruned = Variant(args.policy, args.budget, args.layer)
     variants = [pruned]
     base = None
@@ -185,6 +212,10 @@ def run(args) -> int:
     out = bench(args)
     if args.json:
         print(json.dumps(_finite(out), default=_json_default))
+    elif "compiled" in out:
+        from .compiled import render_compiled
+
+        print(render_compiled(out))
     else:
         print(render(out))
     return 0

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..syncs import host_list
 from ._ops import normed
 from .base import Plan, Tokens
 
@@ -564,7 +565,7 @@ def premerged_batch(bt: BatchTokens, counts: list[list[int]] | None = None) -> B
         seg = torch.where(kept, bt.segment, 0)
         s = max((len(c) for c in bt.counts), default=0)
         per = torch.zeros(b, s + 1, dtype=torch.long, device=rep.device).scatter_add_(1, seg, kept.long())
-        host = per[:, :s].tolist()  # the adaptive count: one read
+        host = host_list(per[:, :s])  # the adaptive count: one read
         counts = [host[i][: len(cs)] for i, cs in enumerate(bt.counts)]
     totals = [sum(c) for c in counts]
     keep = mask_positions(kept, max(totals, default=0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..syncs import host_list
 from ._ops import dpp_greedy, kcenter, segmentwise
 from .base import Plan, Policy, Tokens
 from .batch import (
@@ -172,6 +173,7 @@ class DART(Policy):
     def option_defaults(cls):
         return {"pivots": 4, "text_pivots": 4}
 
+    @torch.compiler.disable  # its claim order is a CPython set's iteration order (see _claim_orders)
     def select(self, tokens: Tokens) -> Plan:
         p_img, p_txt = int(self.options["pivots"]), int(self.options["text_pivots"])
         q = tokens.question if tokens.question is not None else tokens.features[:0]
@@ -235,25 +237,8 @@ class DART(Policy):
         norm_q = bt.question_keys.float().abs().sum(-1).masked_fill(~qv, float("-inf"))
         n_q = min(p_txt, norm_q.shape[1])
         txt = torch.topk(norm_q, n_q, dim=-1).indices if n_q else qv[:, :0].long()
-        host = torch.cat([torch.gather(rows, 1, img).flatten(), torch.gather(bt.question_rows, 1, txt).flatten(),
-                          qv.sum(1)]).tolist()  # the one read per stage
-        img_rows = [host[i * img.shape[1] : i * img.shape[1] + n_img[i]] for i in range(len(ns))]
-        off = len(ns) * img.shape[1]
-        q_len = host[off + b * n_q :]
-        txt_rows = [host[off + j * n_q : off + j * n_q + min(p_txt, q_len[j])] for j in range(b)]
-        # each row's pivots in the official iteration order: ("img", j) / ("txt", j)
-        orders, totals = [], []
-        for i, c in enumerate(ns):
-            kind = {r: ("img", j) for j, r in enumerate(img_rows[i])}
-            kind.update({r: ("txt", j) for j, r in enumerate(txt_rows[owner[i]])})
-            orders.append([kind[r] for r in list(set(img_rows[i] + txt_rows[owner[i]]))])
-            per, left, claimed = ks[i] // max(p_img + p_txt, 1), c - n_img[i], 0
-            for _ in orders[-1]:
-                if per <= 0 or left <= 0:
-                    break
-                take = min(per, left)
-                claimed, left = claimed + take, left - take
-            totals.append(n_img[i] + claimed)
+        flat = torch.cat([torch.gather(rows, 1, img).flatten(), torch.gather(bt.question_rows, 1, txt).flatten(), qv.sum(1)])
+        orders, totals = _claim_orders(flat, ns, n_img, img.shape[1], n_q, b, owner, ks, p_img, p_txt)
         vec_rows = segment_features(bt.normed, index, owner).float()
         q_vec = bt.question_normed.float()[who]
         taken = slot_mask(img, index.shape[1])  # image pivots and every claimed token: what stays
@@ -285,3 +270,30 @@ class DART(Policy):
             taken = taken | slot_mask(torch.where(ok, top, -1), index.shape[1])
         keep = keep_from_rows(mask_positions(taken, max(totals, default=0)), index, owner, totals, b, n)
         return BatchPlan(keep, counts=unflatten_counts(bt.counts, totals))
+
+
+@torch.compiler.disable
+def _claim_orders(flat, ns, n_img, width, n_q, b, owner, ks, p_img, p_txt) -> tuple[list, list]:
+    """DART's one read per stage and what the official code derives from it: per image row, its pivots in
+    the order the official loop visits them (``("img", j)`` / ``("txt", j)``) and the tokens it then keeps.
+    That order is a Python ``set``'s iteration order over sequence indices, so it runs in CPython even under
+    ``torch.compile``: dynamo models a ``set`` in insertion order, which kept other tokens (a tiny LLaVA's
+    compiled logits differed by 0.5, measured)."""
+    host = host_list(flat)
+    img_rows = [host[i * width : i * width + n_img[i]] for i in range(len(ns))]
+    off = len(ns) * width
+    q_len = host[off + b * n_q :]
+    txt_rows = [host[off + j * n_q : off + j * n_q + min(p_txt, q_len[j])] for j in range(b)]
+    orders, totals = [], []
+    for i, c in enumerate(ns):
+        kind = {r: ("img", j) for j, r in enumerate(img_rows[i])}
+        kind.update({r: ("txt", j) for j, r in enumerate(txt_rows[owner[i]])})
+        orders.append([kind[r] for r in list(set(img_rows[i] + txt_rows[owner[i]]))])
+        per, left, claimed = ks[i] // max(p_img + p_txt, 1), c - n_img[i], 0
+        for _ in orders[-1]:
+            if per <= 0 or left <= 0:
+                break
+            take = min(per, left)
+            claimed, left = claimed + take, left - take
+        totals.append(n_img[i] + claimed)
+    return orders, totals

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import PruneConfig
+from ..syncs import host_list
 from ._ops import attention_received, evenly_spaced, topk_indices
 from .base import Plan, Policy, Tokens, resolve_budget
 from .batch import (
@@ -477,7 +478,7 @@ class ATP(Staged):
         ks = torch.tensor([sum(self.targets(bt.meta(b))) for b in range(bt.batch)], dtype=torch.float64)
         ks = ks.to(score.device, non_blocking=True)
         c = torch.round(ks * above / (n_t / 2).clamp(min=1e-30)).clamp(max=torch.minimum(n_t, 2 * ks)).clamp(min=1)
-        cs = [int(v) if n else 0 for v, n in zip(c.tolist(), ns)]  # the adaptive count: one read per stage
+        cs = [int(v) if n else 0 for v, n in zip(host_list(c), ns)]  # the adaptive count: one read per stage
         sp = float(self.options["spatial"])
         c_sp = [int(round(sp * v)) if v > 1 else 0 for v in cs]
         top = topk_keep(score, bt.valid, [v - w for v, w in zip(cs, c_sp)])

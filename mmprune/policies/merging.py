@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..syncs import host_list
 from ._ops import (
     attention_received,
     bipartite_merge,
@@ -410,7 +411,7 @@ class PruMergePlus(Policy):
             kept = valid & ((top & (rank < length)) | (samples & (srank < length - t)))
             extra = length < n_t.long()  # the extra token: every pruned token, attention-weighted
             count = (length + extra.long()).view(-1)
-            counts_h = count.tolist()  # the adaptive count: one read per stage
+            counts_h = host_list(count)  # the adaptive count: one read per stage
         else:  # outliers first (highest first, at most the budget), then evenly spaced samples of the rest
             ntop = torch.minimum(outl, k_t)
             top = valid & (rank < ntop)
