@@ -226,3 +226,25 @@ def test_static_accepts_fixed_counts_and_the_fixed_option():
     for name, options in [("uniform", {}), ("fastv", {}), ("sparsevlm", {}), ("prumerge+", {"adaptive": False})]:
         mmprune.wrap(m, name, budget=0.5, static=True, **options)
     mmprune.unwrap(m)
+
+
+@torch.no_grad()
+def test_a_graph_compiled_before_the_wrap_is_not_reused_unpruned():
+    """torch.compile skips module-hook guards by default: a graph compiled unwrapped would run the wrapped
+    model without its hooks. While a wrap is live, hooks are guarded (and the setting is restored after)."""
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    before = dynamo_config.skip_nnmodule_hook_guards
+    m = tiny_model("llava")
+    x = _inputs(m, 1)
+    c = torch.compile(m, backend="eager")
+    unpruned = c(**x).logits
+    mmprune.wrap(m, "uniform", budget=0.25)
+    assert dynamo_config.skip_nnmodule_hook_guards is False
+    got = c(**x).logits
+    torch.testing.assert_close(got, m(**x).logits)
+    assert not torch.allclose(got, unpruned, atol=1e-3)
+    mmprune.unwrap(m)
+    assert dynamo_config.skip_nnmodule_hook_guards is before
+    torch.testing.assert_close(c(**x).logits, unpruned)
