@@ -433,10 +433,16 @@ class Engine(SelectMixin, DecodeMixin):
             if not self.adapter.text_positions:
                 return
             out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
-        fixed = torch.zeros(mask.shape[0], width, dtype=mask.dtype, device=mask.device)
-        fixed[:, :p] = gather_rows(mask[:, : state.full_len], state.index0, 1)
-        fixed[:, p : p + mask.shape[1] - state.full_len] = mask[:, state.full_len :]
-        out["attention_mask"] = fixed
+        # one buffer per generation: the prompt's kept columns written once, each step copies the growing tail
+        buf, tail = state.buffers.get("fixed", (None, 0))
+        new = mask[:, state.full_len :]
+        if (buf is None or buf.shape != (mask.shape[0], width) or buf.dtype != mask.dtype or buf.device != mask.device
+                or new.shape[1] < tail):
+            buf = torch.zeros(mask.shape[0], width, dtype=mask.dtype, device=mask.device)
+            buf[:, :p] = gather_rows(mask[:, : state.full_len], state.index0, 1)
+        buf[:, p : p + new.shape[1]] = new
+        state.buffers["fixed"] = (buf, new.shape[1])
+        out["attention_mask"] = buf
         state.fixed = width
 
     def _wrap_expand(self, fn):
