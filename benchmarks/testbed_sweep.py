@@ -1,13 +1,14 @@
-"""Every registered policy x budget on the built-in test-bed: the README's accuracy-vs-budget table.
+"""Every registered policy x budget on the built-in test-bed: the accuracy-vs-budget tables of docs/testbed.md
+and README.md.
 
     python benchmarks/testbed_sweep.py                     # both models, shapes (+ motion), 500 items each
-    python benchmarks/testbed_sweep.py --readme            # ... and rewrite the table in README.md
+    python benchmarks/testbed_sweep.py --docs              # ... and rewrite the tables in docs/testbed.md, README.md
     python benchmarks/testbed_sweep.py --limit 50 --out /tmp/quick   # a quick look
     # on 2 cores, as recorded in benchmarks/results/: setups in parallel, one thread each, then tabulate
     python benchmarks/testbed_sweep.py --threads 1 --setups testbed-llava:shapes &
     python benchmarks/testbed_sweep.py --threads 1 --setups testbed-qwen2vl:shapes && \
       python benchmarks/testbed_sweep.py --threads 1 --setups testbed-qwen2vl:motion --budgets 0.25,0.1 --limit 200 &
-    wait; python benchmarks/testbed_sweep.py --collect --readme
+    wait; python benchmarks/testbed_sweep.py --collect --docs
 
 For each setup (testbed-llava on ``shapes``, testbed-qwen2vl on ``shapes`` and ``motion``) this runs what
 ``mmprune sweep --policies <all> --budgets 0.5,0.25,0.1`` runs -- the unpruned reference once, then
@@ -36,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SETUPS = (("testbed-llava", "shapes"), ("testbed-qwen2vl", "shapes"), ("testbed-qwen2vl", "motion"))
 MARK_START, MARK_END = "<!-- testbed-table:start -->", "<!-- testbed-table:end -->"
+SHORT_START, SHORT_END = "<!-- testbed-short:start -->", "<!-- testbed-short:end -->"
+# the README's short table: the reference, the strongest policy of each kind, and the baselines
+SHORT_POLICIES = ("fastv", "pyramiddrop", "dart", "cdpruner", "visionzip", "divprune", "downsample", "uniform", "random")
 
 
 def run_setup(model_name: str, task: str, policies: list[str], budgets: list[float], args) -> list[dict]:
@@ -124,6 +128,38 @@ def table(all_runs: dict[tuple[str, str], list[dict]], budgets: list[float]) -> 
     return "\n".join(lines)
 
 
+def short_table(all_runs: dict[tuple[str, str], list[dict]], budgets=(0.25, 0.1)) -> str:
+    """The README's table: accuracy (%) of a few policies at 25% / 10% of the visual tokens, beside the unpruned."""
+    setups = list(all_runs)
+    refs = {s: next(r for r in runs if r["policy"] == "none")["score"] for s, runs in all_runs.items()}
+    head = "| policy | " + " | ".join(f"{m.removeprefix('testbed-')} {t} @{b:g}" for m, t in setups for b in budgets)
+    lines = [head + " |", "|" + "---|" * (1 + len(setups) * len(budgets)),
+             "| none (unpruned) | " + " | ".join(f"{refs[s]:.1f}" for s in setups for _ in budgets) + " |"]
+    for p in SHORT_POLICIES:
+        cells = []
+        for s in setups:
+            at = {r["budget"]: r["score"] for r in all_runs[s] if r["policy"] == p and r.get("score") is not None}
+            cells += [f"{at[b]:.1f}" if b in at else "–" for b in budgets]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replace_between(path: Path, start: str, end: str, body: str) -> bool:
+    """Rewrite the block between two marker comments of a Markdown file; False when the markers are missing."""
+    text = path.read_text()
+    if start not in text or end not in text:
+        print(f"{path.name} has no {start} ... {end} block; table not written", file=sys.stderr)
+        return False
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+    return True
+
+
+def runs_from_record(record: dict) -> dict[tuple[str, str], list[dict]]:
+    """``testbed_sweep.json``'s runs keyed as ``table`` takes them."""
+    return {tuple(k.split(":")): v for k, v in record["runs"].items()}
+
+
 def kinds_table(all_runs: dict[tuple[str, str], list[dict]]) -> str:
     """Accuracy per question kind of the unpruned run, the best policy at 25% and ``random`` at 10%:
     which kinds a budget costs (counting, for one, needs every object token)."""
@@ -152,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all 500)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--setups", default=",".join(f"{m}:{t}" for m, t in SETUPS), help="model:task,...")
-    ap.add_argument("--readme", action="store_true", help="rewrite the table between the README's markers")
+    ap.add_argument("--docs", action="store_true",
+                    help="rewrite the tables between the markers of docs/testbed.md (all) and README.md (short)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument(
         "--collect", action="store_true",
@@ -181,15 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(md)
     print(json.dumps(verdict, indent=1))
-    if args.readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        if MARK_START not in text or MARK_END not in text:
-            print(f"README.md has no {MARK_START} ... {MARK_END} block; table not written", file=sys.stderr)
+    if args.docs:
+        ok = replace_between(ROOT / "docs" / "testbed.md", MARK_START, MARK_END, md)
+        if not (replace_between(ROOT / "README.md", SHORT_START, SHORT_END, short_table(all_runs)) and ok):
             return 1
-        head, rest = text.split(MARK_START, 1)
-        _, tail = rest.split(MARK_END, 1)
-        readme.write_text(head + MARK_START + "\n" + md + "\n" + MARK_END + tail)
     shutil.rmtree(Path(args.out) / ".tmp", ignore_errors=True)
     return 0
 

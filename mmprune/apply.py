@@ -76,7 +76,7 @@ class Run:
         """``counts`` (host), reading the device once where an earlier stage's count was data (FastV over a
         sample with several images keeps a data-dependent share of each)."""
         if self.counts is None:
-            s = max((len(o) for o in self.origin), default=0)
+            s = max([len(o) for o in self.origin], default=0)
             valid = self.seg >= 0
             one = torch.zeros(self.seg.shape[0], s + 1, dtype=torch.long, device=self.seg.device)
             one.scatter_add_(1, torch.where(valid, self.seg, s), valid.long())

@@ -27,6 +27,24 @@ def _policies_table() -> str:
     return "\n".join(lines)
 
 
+def _policies_markdown() -> str:
+    """The README's policy table: one row per registered policy, links to its paper and to the official code
+    its default is proven against (``tests/test_faithful.py``)."""
+    from .policies import get_policy, policies
+
+    def link(text, url):
+        return f"[{text}]({url})" if url else text
+
+    lines = ["| policy | method | default stage | count | paper | official code |", "|---|---|---|---|---|---|"]
+    for name in policies():
+        cls = get_policy(name)
+        code = link(cls.code_url.split("/")[4] + "@" + cls.code_url.rsplit("/", 1)[1][:7], cls.code_url) \
+            if cls.code_url else "-"
+        lines.append(f"| `{name}` | {cls.summary} | {cls.where} | {'adaptive' if cls.adaptive else 'fixed'} | "
+                     f"{link(cls.paper, cls.paper_url) if cls.paper else '-'} | {code} |")
+    return "\n".join(lines)
+
+
 def _tasks_table() -> str:
     try:
         from .eval.tasks import list_tasks
@@ -69,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod in _command_modules().items():
         mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.HELP))
-    sub.add_parser("policies", help="list the registered policies (name, stages, signal, count, paper)")
+    pol = sub.add_parser("policies", help="list the registered policies (name, stages, signal, count, paper)")
+    pol.add_argument("--markdown", action="store_true",
+                     help="print the README's table instead (method, default stage, paper and official code links)")
     sub.add_parser("tasks", help="list the evaluation tasks (name, modality, metric, data layout)")
     demo = sub.add_parser("demo", help="wrap a tiny random model of each family and print what the policy kept")
     demo.add_argument("--policy", default="fastv")
@@ -90,7 +110,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "policies":
-            print(_policies_table())
+            print(_policies_markdown() if args.markdown else _policies_table())
         elif args.command == "tasks":
             print(_tasks_table())
         elif args.command == "demo":

@@ -34,7 +34,7 @@ def _question_batch(run: Run) -> torch.Tensor:
     last = torch.where(vis, ar, -1).amax(1, keepdim=True) if p else torch.full((b, 1), -1, device=dev)
     after = text & (ar > last)
     q = torch.where(after.any(1, keepdim=True), after, text)
-    return mask_positions(q, max((r - t for r, t in zip(run.nrows, run.totals)), default=0))
+    return mask_positions(q, max([r - t for r, t in zip(run.nrows, run.totals)], default=0))
 
 
 def _budgets(budget, counts) -> list:

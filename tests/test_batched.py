@@ -295,14 +295,14 @@ def test_tome_batched_equals_per_sample(layouts, budget, keys):
         assert plan.totals[b] == len(ref.keep)
 
 
-def test_readme_custom_policy_runs_batched_and_per_sample_alike(monkeypatch):
-    """The README's example policy, verbatim: registered, batched, equal to its per-sample path, no sync."""
+def test_documented_custom_policy_runs_batched_and_per_sample_alike(monkeypatch):
+    """docs/policies.md's example policy, verbatim: registered, batched, equal to its per-sample path, no sync."""
     import re
     from pathlib import Path
 
     from mmprune.policies import _REGISTRY
 
-    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    readme = Path(__file__).resolve().parents[1].joinpath("docs", "policies.md").read_text()
     code = re.search(r"```python\n(from mmprune.policies import register_policy\n.*?)```", readme, re.S).group(1)
     monkeypatch.setitem(_REGISTRY, "mine", "basic:NoPrune")
     exec(code, {})

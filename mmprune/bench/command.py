@@ -118,7 +118,7 @@ def validate(args) -> None:
         raise ValueError(f"unknown device {args.device!r}; accepted: cpu, cuda, cuda:<index>")
     from ..eval.runner import DTYPES, resolve_device
 
-    if args.device.startswith("cuda"):  # there, on this machine
+    if args.device.startswith("cuda"):  # fail here, with one line, when CUDA is absent
         resolve_device(args.device)
     if args.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {args.dtype!r}; accepted: auto, float32, bfloat16, float16")

@@ -19,7 +19,7 @@ so load drift on a shared machine hits all of them alike), after warm-up rounds;
   tower are taken from the engine's own ``Trace.signal_seconds``. ``selection_overhead``: time in
   ``policy.select``.
 
-On a shared CPU, wall-clock medians swing with other processes' load (seen here: 10x slower rounds at
+On a shared CPU, wall-clock medians swing with other processes' load (measured: 10x slower rounds at
 load 4-5 on 2 cores, from OpenMP threads waiting on each other); ``prefill_cpu_ms`` (process CPU time of
 the same calls) and ``speedup_min`` (ratio of the fastest rounds) are recorded next to the medians as
 load-robust cross-checks; with ``torch.set_num_threads(1)`` CPU time is the compute actually spent.

@@ -178,6 +178,12 @@ class Policy:
     data_free: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    #: the default stage in words ("LLM layer 2", "before the LLM"), for ``mmprune policies`` and the docs
+    where: ClassVar[str] = ""
+    #: the paper (arXiv abstract page) and the official code a differential test in ``tests/test_faithful.py``
+    #: compares the default with (a GitHub tree at the commit cited there); empty where there is none
+    paper_url: ClassVar[str] = ""
+    code_url: ClassVar[str] = ""
     #: options whose value is one of a fixed set, checked at construction so a typo fails before any model runs
     option_choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
 

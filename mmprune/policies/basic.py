@@ -18,6 +18,7 @@ class NoPrune(Policy):
     name = "none"
     data_free = True
     summary = "identity (unpruned reference)"
+    where = "before the LLM"
 
     def select(self, tokens: Tokens) -> Plan:
         return Plan(keep=torch.arange(tokens.n))
@@ -36,6 +37,7 @@ class Uniform(Policy):
     name = "uniform"
     data_free = True
     summary = "evenly spaced subset (baseline)"
+    where = "before the LLM"
 
     def select(self, tokens: Tokens) -> Plan:
         def pick(n, k, _):
@@ -60,6 +62,7 @@ class Random(Policy):
     name = "random"
     data_free = True
     summary = "seeded random subset (baseline)"
+    where = "before the LLM"
 
     @classmethod
     def option_defaults(cls):

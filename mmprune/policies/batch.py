@@ -85,11 +85,11 @@ class BatchTokens:
     @property
     def k_max(self) -> int:
         """The widest per-sample kept count when every segment keeps its budget."""
-        return max((sum(b) for b in self.budgets), default=0)
+        return max([sum(b) for b in self.budgets], default=0)
 
     @property
     def budget(self) -> torch.Tensor:
-        s = max((len(b) for b in self.budgets), default=0)
+        s = max([len(b) for b in self.budgets], default=0)
         rows = [b + [0] * (s - len(b)) for b in self.budgets]
         return torch.tensor(rows, dtype=torch.long).to(self.features.device, non_blocking=True)
 
@@ -113,7 +113,7 @@ class BatchTokens:
     def from_tokens(cls, tokens: list[Tokens]) -> BatchTokens:
         """Stack per-sample ``Tokens`` (the reference interface) into one ``BatchTokens``: what tests use to
         hold a batched policy to its per-sample reference on the same inputs."""
-        n = max((t.n for t in tokens), default=0)
+        n = max([t.n for t in tokens], default=0)
         b = len(tokens)
         ref = tokens[0].features
         feats = ref.new_zeros(b, n, ref.shape[-1])
@@ -130,7 +130,7 @@ class BatchTokens:
             sizes[i, : t.n] = t.token_sizes()
         qs = [t.question if t.question is not None and len(t.question) else t.text for t in tokens]
         if any(q is not None for q in qs):  # the question (else all text), padded: question [B, Q, D] + validity
-            width = max((len(q) for q in qs if q is not None), default=0)
+            width = max([len(q) for q in qs if q is not None], default=0)
             signals["question"] = ref.new_zeros(b, width, ref.shape[-1])
             signals["question_valid"] = torch.zeros(b, width, dtype=torch.bool)
             for i, q in enumerate(qs):
@@ -218,7 +218,7 @@ class BatchPlan:
     def stack(cls, plans: list[Plan | None], ns: list[int], device=None) -> BatchPlan:
         """Per-sample plans (None: a sample without visual tokens) -> one padded ``BatchPlan`` with host
         counts (the slow path's and the data-free policies' way in)."""
-        k = max((len(p.keep) for p in plans if p is not None), default=0)
+        k = max([len(p.keep) for p in plans if p is not None], default=0)
         n = max(ns, default=0)
         b = len(plans)
         keep = torch.full((b, k), -1, dtype=torch.long)
@@ -280,7 +280,7 @@ def segment_rows(tokens: BatchTokens) -> tuple[torch.Tensor, list[int], list[int
     """Every (sample, segment) of the batch as one row of slot indices (-1 padded): ``(index [S, m], owner
     [S] sample of each row, ks [S] budget of each row)``. Per-image policies (DivPrune's k-center) then run
     once over all images of the batch. The index is built on the host from the host counts."""
-    rows, owner, ks = [], [], []
+    rows, owner, ks, m = [], [], [], 0
     for b, (counts, budgets) in enumerate(zip(tokens.counts, tokens.budgets)):
         start = 0
         for c, k in zip(counts, budgets):
@@ -288,8 +288,8 @@ def segment_rows(tokens: BatchTokens) -> tuple[torch.Tensor, list[int], list[int
                 rows.append(torch.arange(start, start + c))
                 owner.append(b)
                 ks.append(min(k, c))
+                m = max(m, c)  # not max(generator, default=0): torch 2.13's dynamo breaks the graph on that call
             start += c
-    m = max((len(r) for r in rows), default=0)
     index = torch.full((len(rows), m), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         index[i, : len(r)] = r
@@ -308,7 +308,7 @@ def keep_from_rows(sel: torch.Tensor, index: torch.Tensor, owner: list[int], ks:
     the batch's ``keep [B, K]`` over ``n`` slots, sorted, -1 padded."""
     totals = [0] * batch
     src, dst = [], []
-    width = max((sum(k for k, o in zip(ks, owner) if o == b) for b in range(batch)), default=0)
+    width = max([sum(k for k, o in zip(ks, owner) if o == b) for b in range(batch)], default=0)
     for s, (b, k) in enumerate(zip(owner, ks)):
         src.append(torch.arange(k) + s * sel.shape[1])
         dst.append(torch.arange(k) + b * width + totals[b])
@@ -563,7 +563,7 @@ def premerged_batch(bt: BatchTokens, counts: list[list[int]] | None = None) -> B
     kept = bt.valid & (rep == bt.pos)
     if counts is None:
         seg = torch.where(kept, bt.segment, 0)
-        s = max((len(c) for c in bt.counts), default=0)
+        s = max([len(c) for c in bt.counts], default=0)
         per = torch.zeros(b, s + 1, dtype=torch.long, device=rep.device).scatter_add_(1, seg, kept.long())
         host = host_list(per[:, :s])  # the adaptive count: one read
         counts = [host[i][: len(cs)] for i, cs in enumerate(bt.counts)]

@@ -39,6 +39,8 @@ class DivPrune(Policy):
     batched = True
     paper = "DivPrune, CVPR'25"
     summary = "greedy max-min diversity (k-center) on projected features"
+    where = "before the LLM (after the projector)"
+    paper_url = "https://arxiv.org/abs/2503.02175"
 
     def select(self, tokens: Tokens) -> Plan:
         return segmentwise(tokens, lambda t: Plan(keep=kcenter(t.features, t.budgets[0]).sort().values))
@@ -86,6 +88,9 @@ class CDPruner(Policy):
     batched = True
     paper = "CDPruner, 2025"
     summary = "conditional DPP: feature similarity x instruction relevance, greedy MAP"
+    where = "before the LLM (after the projector)"
+    paper_url = "https://arxiv.org/abs/2506.10967"
+    code_url = "https://github.com/Theia-4869/CDPruner/tree/ed9c12da9e85c747e76b61bfe8845081d6964372"
 
     @classmethod
     def option_defaults(cls):
@@ -168,6 +173,9 @@ class DART(Policy):
     default_layer = 2
     paper = "DART, 2025"
     summary = "pivot tokens; drop the tokens most similar to them"
+    where = "LLM layer 2"
+    paper_url = "https://arxiv.org/abs/2502.11494"
+    code_url = "https://github.com/ModelTC/LightCompress/tree/9701d035b0aac5df97a2ebaadb30bcf0707616f5"
 
     @classmethod
     def option_defaults(cls):
@@ -243,7 +251,7 @@ class DART(Policy):
         q_vec = bt.question_normed.float()[who]
         taken = slot_mask(img, index.shape[1])  # image pivots and every claimed token: what stays
         left = [c - k for c, k in zip(ns, n_img)]
-        for step in range(max((len(o) for o in orders), default=0)):
+        for step in range(max([len(o) for o in orders], default=0)):
             takes, src_kind, src_idx = [], [], []
             for i, o in enumerate(orders):
                 per = ks[i] // max(p_img + p_txt, 1)

@@ -1,27 +1,4 @@
-"""``downsample``: the image itself made smaller before the vision tower, so the tower emits about the budget's
-tokens (and costs less: the tower is half of Qwen2-VL's prefill on a GPU). VTC-Bench (2025) found plain
-downsampling beats many pruning methods; it is the baseline every reduction policy should be compared with.
-
-Dynamic-resolution towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): each image / video is resized on the processor's
-output (``mmprune.adapters.qwen_resize``: patches back to frames, bicubic with antialiasing, patches again;
-each side scaled by ``sqrt(budget)`` and rounded to the merge size; an int budget is tokens per item), and its
-placeholder run in ``input_ids`` shrinks to match, in ``generate`` and in a forward call alike. The model then
-runs unwrapped on that input (its own M-RoPE positions and cache); ``generate`` returns the caller's prompt
-followed by the new tokens; a forward call's logits cover the shortened prompt. The trace's ``n_visual`` is the
-original count, its stage keeps the new one. It reads the prompt's ids, its mask and the grids on the host once
-per call (three reads: the input's shapes change, so this cannot stay on the device).
-
-LLaVA-OneVision videos: the tower's resolution is fixed, so a video keeps fewer frames instead (evenly spaced,
-``round(frames * budget)``, at least one), its placeholder run shrinking to match; its images are pooled.
-Fixed-resolution towers otherwise (LLaVA-1.5, LLaVA-NeXT tiles, OneVision images): no smaller input exists for
-the tower, so the policy falls back to ``pool`` (grid pooling of the projected tokens to the budget), said in
-the trace.
-
-Example:
-    >>> from mmprune.adapters.qwen_resize import target_grid
-    >>> target_grid((1, 32, 48), 0.25, 2)  # a quarter of the tokens: each side halved
-    (1, 16, 24)
-"""
+"""The ``downsample`` policy (VTC-Bench's baseline): see ``Downsample``."""
 
 from __future__ import annotations
 
@@ -37,11 +14,38 @@ QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 class Downsample(Policy):
+    """``downsample``: the image itself made smaller before the vision tower, so the tower emits about the budget's
+    tokens (and costs less: the tower is half of Qwen2-VL's prefill on a GPU). VTC-Bench (2025) found plain
+    downsampling beats many pruning methods; it is the baseline every reduction policy should be compared with.
+
+    Dynamic-resolution towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): each image / video is resized on the processor's
+    output (``mmprune.adapters.qwen_resize``: patches back to frames, bicubic with antialiasing, patches again;
+    each side scaled by ``sqrt(budget)`` and rounded to the merge size; an int budget is tokens per item), and its
+    placeholder run in ``input_ids`` shrinks to match, in ``generate`` and in a forward call alike. The model then
+    runs unwrapped on that input (its own M-RoPE positions and cache); ``generate`` returns the caller's prompt
+    followed by the new tokens; a forward call's logits cover the shortened prompt. The trace's ``n_visual`` is the
+    original count, its stage keeps the new one. It reads the prompt's ids, its mask and the grids on the host once
+    per call (three reads: the input's shapes change, so this cannot stay on the device).
+
+    LLaVA-OneVision videos: the tower's resolution is fixed, so a video keeps fewer frames instead (evenly spaced,
+    ``round(frames * budget)``, at least one), its placeholder run shrinking to match; its images are pooled.
+    Fixed-resolution towers otherwise (LLaVA-1.5, LLaVA-NeXT tiles, OneVision images): no smaller input exists for
+    the tower, so the policy falls back to ``pool`` (grid pooling of the projected tokens to the budget), said in
+    the trace.
+
+    Example:
+        >>> from mmprune.adapters.qwen_resize import target_grid
+        >>> target_grid((1, 32, 48), 0.25, 2)  # a quarter of the tokens: each side halved
+        (1, 16, 24)
+    """
+
     name = "downsample"
     stages = ("pre",)
     data_free = True
     paper = "VTC-Bench baseline, 2025"
     summary = "resize the image before the vision tower (Qwen-VL); else pool"
+    where = "before the vision tower"
+    paper_url = "https://arxiv.org/abs/2510.07143"
     option_choices = {"mode": ("bicubic", "bilinear", "area", "nearest")}
 
     @classmethod

@@ -31,6 +31,8 @@ class FastV(Policy):
     batched = True
     paper = "FastV, ECCV'24"
     summary = "last token's attention at layer K-1, keep top"
+    where = "LLM layer 2"
+    paper_url = "https://arxiv.org/abs/2403.06764"
 
     def select(self, tokens: Tokens) -> Plan:
         k = min(tokens.total_budget, tokens.n)

@@ -116,6 +116,8 @@ class VTW(Policy):
     stages = ("llm",)
     paper = "VTW, AAAI'25"
     summary = "withdraw all visual tokens at layer K"
+    where = "LLM layer depth/2"
+    paper_url = "https://arxiv.org/abs/2405.05803"
 
     @classmethod
     def layer_for(cls, num_layers: int) -> int:
@@ -154,6 +156,9 @@ class PyramidDrop(Staged):
     batched = True
     paper = "PyramidDrop, CVPR'25"
     summary = "last-instruction-token attention, geometric schedule over layers"
+    where = "LLM layers 1/4, 1/2, 3/4 of depth"
+    paper_url = "https://arxiv.org/abs/2410.17247"
+    code_url = "https://github.com/Cooperx521/PyramidDrop/tree/6444f304aee4b7edcb022839fb9e8cd07859704a"
 
     @classmethod
     def option_defaults(cls):
@@ -300,6 +305,9 @@ class SparseVLM(Staged):
     batched = True
     paper = "SparseVLM, ICML'25"
     summary = "text raters rate visual tokens, official per-layer counts, recycling"
+    where = "after LLM layers 2, 6, 15 of 32 (scaled)"
+    paper_url = "https://arxiv.org/abs/2410.04417"
+    code_url = "https://github.com/Gumpest/SparseVLMs/tree/26a5f48813c46cd1c7364160354e7fdd3febaa67"
 
     @classmethod
     def option_defaults(cls):
@@ -449,6 +457,8 @@ class ATP(Staged):
     adaptive = True
     paper = "ATP-LLaVA, CVPR'25"
     summary = "instance- and layer-adaptive threshold on importance, spatial term"
+    where = "LLM layers 1/4, 1/2, 3/4 of depth"
+    paper_url = "https://arxiv.org/abs/2412.00447"
 
     @classmethod
     def option_defaults(cls):
@@ -486,7 +496,7 @@ class ATP(Staged):
         taken = slot_mask(top, n)
         rest = mask_positions(bt.valid & ~taken, n)
         picks = [evenly_spaced(r, min(w, r)) for r, w in zip([x - (v - w) for x, v, w in zip(ns, cs, c_sp)], c_sp)]
-        width = max((len(p) for p in picks), default=0)
+        width = max([len(p) for p in picks], default=0)
         pick = torch.full((bt.batch, width), -1, dtype=torch.long)
         for b, p in enumerate(picks):  # host lists from host counts
             pick[b, : len(p)] = p

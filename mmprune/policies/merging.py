@@ -82,6 +82,9 @@ class ToMe(Policy):
     batched = True
     paper = "ToMe, ICLR'23"
     summary = "bipartite soft matching on key similarity, size-weighted merge"
+    where = "inside the CLIP tower (LLaVA-1.5), else after the projector"
+    paper_url = "https://arxiv.org/abs/2210.09461"
+    code_url = "https://github.com/facebookresearch/ToMe/tree/af95e4b1befa172dadccd8c81e223b10090f9579"
     option_choices = {"where": ("auto", "encoder", "projector")}
 
     @classmethod
@@ -196,6 +199,9 @@ class VisionZip(Policy):
     signals = ("cls_attn", "keys", "tower_cls", "tower_assign")
     paper = "VisionZip, CVPR'25"
     summary = "dominant tokens by [CLS] attention + contextual tokens merged by key similarity"
+    where = "on the tower's features (LLaVA-1.5: before the projector)"
+    paper_url = "https://arxiv.org/abs/2412.04467"
+    code_url = "https://github.com/dvlab-research/VisionZip/tree/3151f6df4fca36a4cd1c985e5956e725b1f9ad02"
     option_choices = {"cls_slot": ("paper", "patch"), "where": ("auto", "projector")}
 
     @classmethod
@@ -291,7 +297,7 @@ class VisionZip(Policy):
         others = rest & ~target & (n_t > 0)  # no contextual token: the rest is dropped outright
         metric = segment_features(bt.keys if bt.keys is not None else bt.features, index, owner).float()
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        tpos = mask_positions(target, max((c for _, c, _ in splits), default=0))  # [S, T] targets in order
+        tpos = mask_positions(target, max([c for _, c, _ in splits], default=0))  # [S, T] targets in order
         tmetric = torch.gather(metric, 1, tpos.clamp(min=0).unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
         sim = (metric @ tmetric.transpose(1, 2)).masked_fill((tpos < 0).unsqueeze(1), float("-inf"))
         if tpos.shape[1]:  # rows without a target have no "others" either: their -1 never gets used
@@ -349,6 +355,9 @@ class PruMergePlus(Policy):
     signals = ("cls_attn", "keys", "next_cls_attn", "next_keys", "tower_assign", "grid")
     paper = "LLaVA-PruMerge(+), 2024"
     summary = "IQR outliers of [CLS] attention + spatial samples, kNN merge"
+    where = "on the tower's features (LLaVA-1.5: before the projector)"
+    paper_url = "https://arxiv.org/abs/2403.15388"
+    code_url = "https://github.com/42Shawn/LLaVA-PruMerge/tree/097c04116a58465e4bcb58cec44a94018a68ff1a"
     option_choices = {"where": ("auto", "projector")}
 
     @classmethod
@@ -526,6 +535,8 @@ class Pool(Policy):
     data_free = True
     paper = "LLaVA-OneVision spatial pooling"
     summary = "average pooling on the patch grid (2x2, 3x3 or to the budget)"
+    where = "before the LLM (after the projector)"
+    paper_url = "https://arxiv.org/abs/2408.03326"
 
     @classmethod
     def option_defaults(cls):
@@ -639,6 +650,8 @@ class Temporal(Policy):
     batched = True
     paper = "FastVID / DyCoke / FrameFusion"
     summary = "merge tokens repeated across adjacent frames, segmented by frame similarity"
+    where = "before the LLM (videos)"
+    paper_url = "https://arxiv.org/abs/2503.11187"
 
     @classmethod
     def option_defaults(cls):
@@ -712,7 +725,7 @@ class Temporal(Policy):
         rs = torch.gather(gsize, 1, at)
         rm = torch.gather(msum, 1, at.unsqueeze(-1).expand(-1, -1, x.shape[-1])) / rs.clamp(min=1e-30).unsqueeze(-1)
         kk = torch.tensor(ks).to(dev, non_blocking=True)
-        rounds = max((bipartite_rounds(c, k) for c, k in zip(ns, ks)), default=0)
+        rounds = max([bipartite_rounds(c, k) for c, k in zip(ns, ks)], default=0)
         rep = bipartite_ragged(rm, rs, roots_mask.sum(1), kk, rounds)  # root-list position -> its survivor's
         new_root = torch.gather(roots, 1, rep.clamp(min=0))
         rpos = torch.full((s_rows, m + 1), -1, dtype=torch.long, device=dev).scatter_(

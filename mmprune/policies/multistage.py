@@ -66,6 +66,9 @@ class AIM(Policy):
     signals = ("pagerank",)
     paper = "AIM, ICCV'25"
     summary = "iterative similarity merging before the LLM + progressive PageRank pruning inside"
+    where = "merge before the LLM, prune from depth/2"
+    paper_url = "https://arxiv.org/abs/2412.03248"
+    code_url = "https://github.com/LaVi-Lab/AIM/tree/edc24e9f3dfa99496ad332bd43ce20fa7b2cd30c"
 
     @classmethod
     def option_defaults(cls):
@@ -162,6 +165,8 @@ class ToDRE(Policy):
     adaptive = True
     paper = "ToDRE, 2025"
     summary = "k-center diversity before the LLM + task-relevance withdrawal inside"
+    where = "k-center before the LLM, withdrawal at depth/2"
+    paper_url = "https://arxiv.org/abs/2505.18757"
 
     @classmethod
     def option_defaults(cls):
@@ -232,6 +237,8 @@ class PreFusion(Policy):
     signals = ("grid",)
     paper = "LLaVA-Mini, ICLR'25 (finding)"
     summary = "keep all visual tokens for the first L layers, then compress to the budget"
+    where = "LLM layer depth/4"
+    paper_url = "https://arxiv.org/abs/2501.03895"
 
     @classmethod
     def option_defaults(cls):

@@ -45,6 +45,8 @@ class ClsTail(Policy):
     batched = True
     paper = "Sparsity Meets Similarity, 2024"
     summary = "cut the sorted [CLS]-similarity curve at its inflection point"
+    where = "before the LLM (tower output)"
+    paper_url = "https://arxiv.org/abs/2409.01162"
 
     def select(self, tokens: Tokens) -> Plan:
         def one(t: Tokens) -> Plan:
@@ -100,6 +102,8 @@ class SimIgnore(Policy):
     batched = True
     paper = "Simignore, 2024"
     summary = "drop visual tokens with low embedding similarity to the question"
+    where = "before the LLM (after the projector)"
+    paper_url = "https://arxiv.org/abs/2412.09817"
     option_choices = {"reduce": ("mean", "max")}
 
     @classmethod

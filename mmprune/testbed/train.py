@@ -70,7 +70,7 @@ Choices worth knowing:
   attention and qwen2vl's patch embedding stay fp32, whose CPU kernels are slower in bf16): 825 vs
   1096 ms per llava step on 2 AMX-bf16 cores. Weights, optimizer state and evaluation stay fp32.
 
-testbed-llava was trained by one command from scratch (3586 steps, 54 min on this machine's 2 CPU
+testbed-llava was trained by one command from scratch (3586 steps, 54 min on 2 CPU
 cores, ``--precision bf16``); testbed-qwen2vl in chained stages. Each model's exact command is in its
 ``train_log.json`` (the stages' nested under ``init_from``).
 
