@@ -160,3 +160,88 @@ def test_placeholders_that_do_not_match_the_pixels_are_refused():
     ids[0, (ids[0] == m.config.image_token_id).nonzero()[0]] = 7  # one placeholder fewer than the grid's
     with pytest.raises(ValueError, match="a run of 3 image placeholders where the pixels give 4"):
         downsample_inputs(m, {**x, "input_ids": ids}, 0.25)
+
+
+# -- LLaVA-NeXT: fewer anyres tiles (a smaller image's tiles), the base tile kept
+
+
+@pytest.mark.parametrize("size", [(336, 336), (672, 672), (500, 375), (375, 500), (1000, 300), (300, 1000), (1, 7), (801, 603)])
+def test_next_token_counts_are_the_processors(size):
+    """``anyres_tokens`` (what the placeholder runs must hold) equals LlavaNextProcessor's own count for
+    llava-v1.6's pinpoints (default feature strategy: no [CLS])."""
+    from types import SimpleNamespace
+
+    from transformers import LlavaNextConfig, LlavaNextProcessor
+
+    from mmprune.adapters.llava_tiles import anyres_tokens
+
+    cfg = LlavaNextConfig()
+    proc = SimpleNamespace(image_processor=SimpleNamespace(image_grid_pinpoints=cfg.image_grid_pinpoints),
+                           patch_size=14, num_additional_image_tokens=1)
+    proc._get_unpadded_features = lambda *a: LlavaNextProcessor._get_unpadded_features(proc, *a)
+    assert anyres_tokens(cfg, size) == LlavaNextProcessor._get_number_of_features(proc, *size, 336, 336) - 1
+
+
+def test_next_smaller_size_picks_the_largest_count_within_the_budget():
+    from transformers import LlavaNextConfig
+
+    from mmprune.adapters.llava_tiles import anyres_tokens, smaller_size
+
+    cfg = LlavaNextConfig()
+    assert anyres_tokens(cfg, (672, 672)) == 2928
+    assert smaller_size(cfg, (672, 672), 2928) == (672, 672)  # within the budget already
+    small = smaller_size(cfg, (672, 672), 0.5 * 2928)  # the 1x2 grid is all a square image can get below 2x2
+    assert anyres_tokens(cfg, small) == 1176 and small[0] == small[1]
+    assert smaller_size(cfg, (672, 672), 100) == small  # below every pinpoint: the fewest tokens there are
+    wide = smaller_size(cfg, (336, 1008), 0.6 * anyres_tokens(cfg, (336, 1008)))
+    assert anyres_tokens(cfg, wide) <= 0.6 * anyres_tokens(cfg, (336, 1008))
+
+
+def test_next_retile_is_the_processor_on_the_smaller_image():
+    """The re-tiled canvas is what the processor makes of the image resized to the new size: same tile grid,
+    the same padding exactly, the content equal up to resampling (bicubic on tensors vs PIL)."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from mmprune.adapters.llava_tiles import retile, smaller_size
+
+    cfg = tiny_model("llava_next").config
+    proc = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                      image_grid_pinpoints=cfg.image_grid_pinpoints)
+    yy, xx = np.mgrid[0:48, 0:56]  # a smooth picture, 48 x 56: the 2x2 grid, padded top and bottom
+    img = Image.fromarray(np.stack([xx * 4, yy * 5, (xx + yy) * 2], -1).astype(np.uint8))
+    full = proc(img, return_tensors="pt")
+    size = tuple(full["image_sizes"][0].tolist())
+    new_size = smaller_size(cfg, size, 30)
+    assert new_size == (24, 28)
+    want = proc(img.resize(new_size[::-1], Image.BICUBIC), return_tensors="pt")["pixel_values"][0]
+    got = retile(cfg, full["pixel_values"][0], size, new_size)
+    assert got.shape == want.shape == (2, 3, 28, 28)  # base + the one-tile grid (was 2x2)
+    assert torch.equal(got[0], full["pixel_values"][0, 0])  # the base tile kept
+    pad = (want[1:] - got[1:]).abs()
+    assert torch.equal(got[1:, :, :2], want[1:, :, :2]) and torch.equal(got[1:, :, -2:], want[1:, :, -2:])  # padding
+    assert pad.mean() < 0.05 and pad.max() < 0.5
+
+
+@pytest.mark.parametrize("budget", [0.5, 1.0, 20])
+@torch.no_grad()
+def test_next_generate_is_the_unwrapped_model_on_the_retiled_input(budget):
+    from mmprune.policies.downsample import fewer_tiles
+
+    m = tiny_model("llava_next")
+    x = make_inputs(m, [[3], [2, 1]], prompt_lens=[4, 3])  # 4-, 2- and 1-tile images, ragged
+    new, originals = fewer_tiles(m, x, budget)
+    want = m.generate(**new, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    mmprune.wrap(m, "downsample", budget=budget)
+    got = m.generate(**x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    tr = mmprune.trace(m)
+    mmprune.unwrap(m)
+    assert torch.equal(got[:, x["input_ids"].shape[1] :], want[:, new["input_ids"].shape[1] :])
+    assert tr.n_visual == originals
+    if budget == 1.0:
+        assert torch.equal(new["input_ids"], x["input_ids"]) and tr.visual_tokens_kept == originals
+    else:
+        assert new["pixel_values"].shape[1] < x["pixel_values"].shape[1]
+        assert all(k < n for k, n in zip(tr.visual_tokens_kept, originals))
+    assert any("fewer anyres tiles" in n for n in tr.notes)

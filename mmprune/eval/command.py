@@ -24,8 +24,10 @@ def number(text: str):
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local save_pretrained folder, hub id, or testbed-llava / testbed-qwen2vl")
-    p.add_argument("--task", required=True, help="task name (see `mmprune tasks`); prompts and scores are "
-                   "lmms-eval 0.7.3's")
+    from .tasks import LMMS_EVAL_VERSION, task_names  # light: no torch, so --help stays instant
+
+    p.add_argument("--task", required=True, help=f"one of {', '.join(task_names())} (`mmprune tasks`: metrics and "
+                   f"data layouts); prompts and scores are lmms-eval {LMMS_EVAL_VERSION}'s")
     p.add_argument("--data", default=None, help="local benchmark files in their published layout")
     p.add_argument("--layer", type=int, default=None, help="decoder layer for in-LLM policies (default: the policy's)")
     p.add_argument("--limit", type=int, default=None, help="first N samples only")

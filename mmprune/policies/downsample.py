@@ -27,11 +27,15 @@ class Downsample(Policy):
     original count, its stage keeps the new one. It reads the prompt's ids, its mask and the grids on the host once
     per call (three reads: the input's shapes change, so this cannot stay on the device).
 
-    LLaVA-OneVision videos: the tower's resolution is fixed, so a video keeps fewer frames instead (evenly spaced,
-    ``round(frames * budget)``, at least one), its placeholder run shrinking to match; its images are pooled.
-    Fixed-resolution towers otherwise (LLaVA-1.5, LLaVA-NeXT tiles, OneVision images): no smaller input exists for
-    the tower, so the policy falls back to ``pool`` (grid pooling of the projected tokens to the budget), said in
-    the trace.
+    LLaVA-NeXT images: each is re-tiled as the smaller image whose anyres token count is the largest within the
+    budget (``mmprune.adapters.llava_tiles``: a smaller grid pinpoint, so fewer 336-px tiles reach the tower; the
+    base tile kept), ``image_sizes`` and the placeholder runs changed to match. The smallest pinpoint bounds it
+    (llava-v1.6: 1176 of a square image's 2928 tokens, 40%): a smaller budget gets that grid, and the trace says
+    what was kept. LLaVA-OneVision videos: the tower's resolution is fixed, so a video keeps fewer frames instead
+    (evenly spaced, ``round(frames * budget)``, at least one), its placeholder run shrinking to match; its images
+    are pooled. Fixed-resolution towers otherwise (LLaVA-1.5, OneVision images): no smaller input exists for the
+    tower, so the policy falls back to ``pool`` (grid pooling of the projected tokens to the budget), said in the
+    trace.
 
     Example:
         >>> from mmprune.adapters.qwen_resize import target_grid
@@ -43,7 +47,7 @@ class Downsample(Policy):
     stages = ("pre",)
     data_free = True
     paper = "VTC-Bench baseline, 2025"
-    summary = "resize the image before the vision tower (Qwen-VL); else pool"
+    summary = "a smaller image before the vision tower (Qwen-VL, NeXT tiles, OneVision frames); else pool"
     where = "before the vision tower"
     paper_url = "https://arxiv.org/abs/2510.07143"
     option_choices = {"mode": ("bicubic", "bilinear", "area", "nearest")}
@@ -80,6 +84,10 @@ class Downsample(Policy):
         budget, mode = stage.config.budget, self.options["mode"]
         if engine.adapter.family in QWEN:
             _install_rewrite(engine, lambda model, kw: downsample_inputs(model, kw, budget, mode))
+            return
+        if engine.adapter.family == "llava_next":
+            _install_rewrite(engine, lambda model, kw: fewer_tiles(model, kw, budget, mode))
+            engine.notes.append("downsample: LLaVA-NeXT images re-tiled as a smaller image (fewer anyres tiles)")
             return
         from .merging import Pool
 
@@ -202,6 +210,39 @@ def fewer_frames(model, kwargs: dict, budget):
     return new, originals
 
 
+def fewer_tiles(model, kwargs: dict, budget, mode: str = "bicubic"):
+    """LLaVA-NeXT inputs whose images are re-tiled as the smaller image whose token count is the largest within
+    ``budget`` (``mmprune.adapters.llava_tiles``): ``(new kwargs, original per-sample visual counts)``, or None
+    without images. The smallest grid pinpoint bounds how few tokens an image can get (llava-v1.6: 1176 of a
+    square image's 2928, 40%); below that, the image gets that grid. Reads ``image_sizes`` on the host."""
+    from ..adapters.llava_tiles import anyres_tokens, retile, smaller_size
+
+    pv, sizes = kwargs.get("pixel_values"), kwargs.get("image_sizes")
+    if pv is None or sizes is None or kwargs.get("input_ids") is None or pv.dim() != 5:
+        return None
+    cfg = model.config
+    old = [tuple(int(v) for v in hw) for hw in sizes.tolist()]  # a read: the images' sizes
+    counts = [anyres_tokens(cfg, hw) for hw in old]
+    new_sizes = [smaller_size(cfg, hw, budget * n if isinstance(budget, float) else budget) for hw, n in zip(old, counts)]
+    tiles = [retile(cfg, pv[i], hw, nhw, mode) if nhw != hw else pv[i, : 1 + _grid_tiles(cfg, hw)]
+             for i, (hw, nhw) in enumerate(zip(old, new_sizes))]
+    width = max(t.shape[0] for t in tiles)
+    new = dict(kwargs)
+    new["pixel_values"] = torch.stack([torch.cat([t, t.new_zeros(width - t.shape[0], *t.shape[1:])]) for t in tiles])
+    new["image_sizes"] = torch.tensor(new_sizes, dtype=sizes.dtype, device=sizes.device)
+    token = int(cfg.image_token_id)
+    runs = [(n, anyres_tokens(cfg, hw)) for n, hw in zip(counts, new_sizes)]
+    new["input_ids"], new["attention_mask"], originals = _shrink_runs(model, kwargs, {"image": token}, {"image": runs})
+    new.pop("position_ids", None)
+    return new, originals
+
+
+def _grid_tiles(cfg, size) -> int:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size) - 1
+
+
 def _install_rewrite(engine, rewrite) -> None:
     import functools
 
@@ -212,7 +253,8 @@ def _install_rewrite(engine, rewrite) -> None:
         if trace is not None and trace.stages:
             trace.n_visual = list(originals)
             trace.stages[0].n_before = list(originals)
-            trace.tower_inputs = {k: v for k, v in new.items() if k.startswith("pixel_values") or k.endswith("_thw")}
+            trace.tower_inputs = {k: v for k, v in new.items()
+                                  if k.startswith("pixel_values") or k.endswith("_thw") or k == "image_sizes"}
 
     def pre(module, args, kwargs):  # a forward call outside generate
         if inside["on"] or not engine.enabled or args:
