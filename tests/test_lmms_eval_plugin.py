@@ -78,12 +78,16 @@ def _run(d: Path, out: str, model: str, model_args: str, procs: int = 1) -> list
     samples = list((d / out).glob("*/*_samples_local_pope.jsonl"))
     assert p.returncode == 0 and samples, p.stderr[-3000:]
     rows = [json.loads(line) for line in samples[0].read_text().splitlines()]
-    return [r["filtered_resps"] for r in sorted(rows, key=lambda r: r["doc_id"])]
+    return sorted(rows, key=lambda r: r["doc_id"])
+
+
+def _answers(rows: list) -> list:
+    return [r["filtered_resps"] for r in rows]
 
 
 def test_policy_none_answers_as_lmms_evals_own_model(setup):
-    plain = _run(setup, "plain", "llava_hf", "")
-    assert _run(setup, "none", "mmprune", "base=llava_hf,policy=none") == plain
+    plain = _answers(_run(setup, "plain", "llava_hf", ""))
+    assert _answers(_run(setup, "none", "mmprune", "base=llava_hf,policy=none")) == plain
 
 
 def test_pruned_run_logs_its_kept_tokens_and_two_processes_agree(setup):
@@ -93,4 +97,8 @@ def test_pruned_run_logs_its_kept_tokens_and_two_processes_agree(setup):
     assert sorted(r["doc_id"] for r in lines) == list(range(6))
     assert all(r["task"] == "local_pope" and r["policy"] == "uniform" and r["budget"] == 0.5 for r in lines)
     assert all(r["visual_tokens_in"] == 16 and r["visual_tokens_kept"] == 8 for r in lines)
-    assert _run(setup, "two", "mmprune", "base=llava_hf,policy=uniform,budget=0.5", procs=2) == one
+    # lmms-eval's own sample log carries them too (in each sample's token_counts), beside its output count
+    want = {"policy": "uniform", "budget": 0.5, "visual_tokens_in": 16, "visual_tokens_kept": 8}
+    assert all(r["token_counts"][0]["mmprune"] == want and r["token_counts"][0]["output_tokens"] >= 1 for r in one)
+    two = _run(setup, "two", "mmprune", "base=llava_hf,policy=uniform,budget=0.5", procs=2)
+    assert _answers(two) == _answers(one) and [r["token_counts"] for r in two] == [r["token_counts"] for r in one]

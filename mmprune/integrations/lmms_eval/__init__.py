@@ -6,9 +6,10 @@
 ``base`` is any lmms-eval Hugging Face model name (``llava_hf``, ``llava_onevision``, ``qwen2_5_vl``,
 ``qwen3_vl``, ...): lmms-eval builds its own model class (its chat template and prompt handling unchanged)
 and mmprune wraps the Hugging Face model inside it. ``policy``, ``budget``, ``layer`` and ``opt_<name>=value``
-(policy options) configure the wrap; ``log_path=FILE`` appends one JSON line per request (task, doc_id, policy,
-budget, visual tokens in and kept), to join with lmms-eval's ``--log_samples`` by task and doc_id (its sample
-log keeps only its own fields). Tested with lmms-eval 0.7.3 (``SUPPORTED``), including ``accelerate launch``.
+(policy options) configure the wrap. Each sample of lmms-eval's ``--log_samples`` carries the policy, budget and
+visual tokens in and kept, as ``"mmprune"`` in its ``token_counts`` (the one per-request field its log keeps);
+``log_path=FILE`` also appends them as one JSON line per request (task, doc_id, ...). Tested with lmms-eval
+0.7.3 (``SUPPORTED``), including ``accelerate launch``.
 """
 
 SUPPORTED = ("0.7.3",)

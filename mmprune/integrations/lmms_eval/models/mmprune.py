@@ -16,6 +16,33 @@ except ImportError:  # one line, naming what to install
     raise ImportError(f"mmprune's lmms-eval plugin needs lmms-eval {' or '.join(SUPPORTED)}, which is not installed: "
                       "pip install 'mmprune[lmms]'") from None
 
+from dataclasses import dataclass
+
+from lmms_eval.api.instance import GenerationResult, TokenCounts, unwrap_generation_output
+
+
+@dataclass
+class KeptCounts(TokenCounts):
+    """lmms-eval's per-sample token counts plus what mmprune kept: its sample log (``--log_samples``) writes
+    ``token_counts`` through ``to_dict`` and drops a request's other fields, so this is where the policy, budget
+    and visual tokens kept reach it."""
+
+    mmprune: dict | None = None
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if self.mmprune is not None:
+            d["mmprune"] = self.mmprune
+        return d
+
+
+def _with_info(output, info: dict):
+    """The inner model's answer (a string or a ``GenerationResult``) with ``info`` in its token counts."""
+    text, counts = unwrap_generation_output(output)
+    counts = counts or TokenCounts()
+    return GenerationResult(text=text, token_counts=KeptCounts(counts.input_tokens, counts.output_tokens,
+                                                               counts.reasoning_tokens, mmprune=info))
+
 
 def _number(text):
     if isinstance(text, (int, float)):
@@ -108,31 +135,32 @@ class MmpruneLMM(lmms):
         return self.inner.loglikelihood(requests)
 
     def generate_until(self, requests):
-        """The inner model's answers; each request's logged ``arguments`` gain ``{"mmprune": {policy, budget,
-        visual_tokens_in, visual_tokens_kept}}``. At batch size 1 the requests go one by one (the inner model
-        batches nothing then), so the kept count is the request's own; larger batches log the policy only."""
+        """The inner model's answers, each carrying ``{"mmprune": {policy, budget, visual_tokens_in,
+        visual_tokens_kept}}`` in its token counts, which lmms-eval's sample log writes. At batch size 1 the
+        requests go one by one (the inner model batches nothing then), so the kept count is the request's own;
+        larger batches log the policy only."""
         if str(getattr(self.inner, "batch_size", 1)) != "1":
-            out = self.inner.generate_until(requests)
-            for req in requests:
+            out = []
+            for req, answer in zip(requests, self.inner.generate_until(requests)):
                 info = {"policy": self.policy, "budget": self.budget}
-                req.arguments = (*req.arguments, {"mmprune": info})
+                out.append(_with_info(answer, info))
                 self._log(req, info)
             return out
         out = []
         for req in requests:
             n = len(self.kept)
-            out.extend(self.inner.generate_until([req]))
+            answers = self.inner.generate_until([req])
             info = {"policy": self.policy, "budget": self.budget}
             if len(self.kept) > n:
                 rec = self.kept[-1]
                 info.update(visual_tokens_in=rec["visual_tokens_in"][0], visual_tokens_kept=rec["visual_tokens_kept"][0])
-            req.arguments = (*req.arguments, {"mmprune": info})
+            out.extend(_with_info(a, info) for a in answers)
             self._log(req, info)
         return out
 
     def _log(self, req, info: dict) -> None:
-        """lmms-eval's sample log keeps only its own fields, so the kept counts go to ``log_path`` (joined with
-        lmms-eval's samples by task and doc_id)."""
+        """With ``log_path``, the same per request as one JSON line (task, doc_id and ``info``), for runs without
+        ``--log_samples``."""
         if not self.log_path:
             return
         import json
