@@ -436,6 +436,28 @@ def test_dpp_rows_exhausted_kernel_takes_the_largest_diagonal_like_the_reference
     assert got.tolist() == ref.tolist()
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("rank", [2, 8, 64])
+def test_dpp_rows_equals_the_reference_row_by_row(seed, rank):
+    """Ragged rows (valid prefixes), low-rank kernels exhausted part-way, rounded features with ties: each row's
+    picks are the per-image reference's (the guard applied after the loop must reproduce it round for round)."""
+    from mmprune.policies._ops import dpp_greedy
+    from mmprune.policies.batch import dpp_rows
+
+    g = torch.Generator().manual_seed(seed)
+    n = [37, 64, 19]
+    x = torch.randn(3, 64, rank, generator=g)
+    x = (x.round() if seed % 2 else x) + 1e-3
+    x = x / x.norm(dim=-1, keepdim=True)
+    r = torch.rand(3, 64, generator=g)
+    kernel = r.unsqueeze(-1) * (x @ x.transpose(1, 2)) * r.unsqueeze(1)
+    valid = torch.arange(64) < torch.tensor(n).unsqueeze(1)
+    ks = [min(c, 30) for c in n]
+    got = dpp_rows(kernel, valid, max(ks))
+    for i, (c, k) in enumerate(zip(n, ks)):
+        assert got[i, :k].tolist() == dpp_greedy(kernel[i, :c, :c], k).tolist(), i
+
+
 @pytest.mark.parametrize("layouts", LAYOUTS)
 @pytest.mark.parametrize("budget", [0.5, 1.0, 2])
 @pytest.mark.parametrize("cls", [True, False])

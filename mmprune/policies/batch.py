@@ -526,31 +526,38 @@ def bipartite_ragged(metric: torch.Tensor, sizes: torch.Tensor, t: torch.Tensor,
 
 def dpp_rows(kernel: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     """``_ops.dpp_greedy`` over rows at once (the official loop is batched the same way): ``kernel [S, m, m]``,
-    ``valid [S, m]`` -> ``[S, k]`` picks in selection order. Its guard without a branch: once a row's best
-    gain is <= 0 (an exhausted kernel) the row takes the largest remaining diagonal entries from then on."""
+    ``valid [S, m]`` -> ``[S, k]`` picks in selection order. The official guard (once a row's best gain is <= 0,
+    an exhausted kernel, it takes the largest remaining diagonal entries from then on) is applied after the loop,
+    in one pass: a row's rounds after its first non-positive gain are replaced by its remaining diagonal in
+    descending order (ties to the lower index, as ``argmax``). The loop itself is only the official arithmetic,
+    which on a CPU is dispatch-bound: 8 ops a round instead of 16 took llava-1.5's 144-of-576 pick from 6.4 to
+    ~4 ms (1 thread)."""
     s, m, _ = kernel.shape
     dev = kernel.device
     kernel = kernel.float()
     rows = torch.arange(s, device=dev)
-    rest = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, float("-inf"))  # the fallback's pool
-    di2s = rest.clone()
+    diag = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, float("-inf"))
+    di2s = diag.clone()
     cis = torch.zeros(k, s, m, device=dev)
-    done = torch.zeros(s, dtype=torch.bool, device=dev)
-    sel = []
-    # per round: one max for the pick and its gain (argmax's first-of-ties index), the fallback read from the
-    # diagonal with picked entries at -inf (kept in step with di2s), no boolean scatter: fewer launches a round
-    for i in range(k):
+    sel = torch.zeros(s, k, dtype=torch.long, device=dev)
+    gains = torch.zeros(s, k, device=dev)
+    for i in range(k):  # rows past their guard compute NaNs, confined to the row and replaced below
         gain, j = di2s.max(-1)
-        done = done | ~(gain > 0)
-        j = torch.where(done, rest.argmax(-1), j)
-        sel.append(j)
-        rest[rows, j] = float("-inf")
+        sel[:, i], gains[:, i] = j, gain
         eis = (kernel[rows, j] - torch.einsum("tb,tbn->bn", cis[:i, rows, j], cis[:i])) / torch.sqrt(gain).unsqueeze(-1)
-        eis = torch.where(done.unsqueeze(-1), 0.0, eis)
         cis[i] = eis
         di2s = di2s - torch.square(eis)
         di2s[rows, j] = float("-inf")
-    return torch.stack(sel, 1) if sel else torch.zeros(s, 0, dtype=torch.long, device=dev)
+    if k == 0:
+        return sel
+    bad = ~(gains > 0)
+    first = torch.where(bad.any(1), bad.int().argmax(1), k)  # each row's first exhausted round (k: none)
+    before = torch.arange(k, device=dev) < first.unsqueeze(1)
+    taken = torch.where(before, float("-inf"), float("inf"))  # the picks before it leave the fallback's pool
+    rest = diag.scatter_reduce(1, sel, taken, "amin", include_self=True)
+    order = torch.sort(rest, dim=1, descending=True, stable=True).indices
+    late = (torch.arange(k, device=dev) - first.unsqueeze(1)).clamp(min=0, max=m - 1)
+    return torch.where(before, sel, order.gather(1, late))
 
 
 def premerged_batch(bt: BatchTokens, counts: list[list[int]] | None = None) -> BatchPlan:
