@@ -14,6 +14,18 @@ from mmprune.testing import make_inputs, tiny_model
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
+@torch.no_grad()
+def _same_as_rewritten(m, x, new, budget):
+    """Generate with ``downsample`` on ``x`` equals the unwrapped model on the rewritten ``new``; the trace."""
+    want = m.generate(**new, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    mmprune.wrap(m, "downsample", budget=budget)
+    got = m.generate(**x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    tr = mmprune.trace(m)
+    mmprune.unwrap(m)
+    assert torch.equal(got[:, x["input_ids"].shape[1] :], want[:, new["input_ids"].shape[1] :])
+    return tr
+
+
 @pytest.mark.parametrize("grid", [(1, 4, 6), (2, 6, 4), (1, 2, 2), (3, 8, 10)])
 def test_patches_round_trip(grid):
     x = torch.randn(grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14)
@@ -107,12 +119,7 @@ def test_onevision_videos_keep_fewer_frames(budget):
     x = make_inputs(m, [[1], [1]], prompt_lens=[4, 3], video=True)  # two 2-frame videos
     new, originals = fewer_frames(m, x, budget)
     assert new["pixel_values_videos"].shape[1] == 1 < x["pixel_values_videos"].shape[1]
-    want = m.generate(**new, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    mmprune.wrap(m, "downsample", budget=budget)
-    got = m.generate(**x, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    tr = mmprune.trace(m)
-    mmprune.unwrap(m)
-    assert torch.equal(got[:, x["input_ids"].shape[1] :], want[:, new["input_ids"].shape[1] :])
+    tr = _same_as_rewritten(m, x, new, budget)
     assert tr.n_visual == originals and all(k < n for k, n in zip(tr.visual_tokens_kept, originals))
     assert any("fewer frames" in n for n in tr.notes)
 
@@ -232,12 +239,7 @@ def test_next_generate_is_the_unwrapped_model_on_the_retiled_input(budget):
     m = tiny_model("llava_next")
     x = make_inputs(m, [[3], [2, 1]], prompt_lens=[4, 3])  # 4-, 2- and 1-tile images, ragged
     new, originals = fewer_tiles(m, x, budget)
-    want = m.generate(**new, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    mmprune.wrap(m, "downsample", budget=budget)
-    got = m.generate(**x, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    tr = mmprune.trace(m)
-    mmprune.unwrap(m)
-    assert torch.equal(got[:, x["input_ids"].shape[1] :], want[:, new["input_ids"].shape[1] :])
+    tr = _same_as_rewritten(m, x, new, budget)
     assert tr.n_visual == originals
     if budget == 1.0:
         assert torch.equal(new["input_ids"], x["input_ids"]) and tr.visual_tokens_kept == originals
