@@ -53,6 +53,13 @@ def anyres_tokens(cfg, size) -> int:
     return p * p + grid.shape[1] * (grid.shape[2] + 1)
 
 
+def tile_count(cfg, size) -> int:
+    """Tiles the processor makes of an image of ``size``, the base tile included."""
+    s, _ = _side(cfg)
+    bh, bw = _best(cfg, size)
+    return 1 + (bh // s) * (bw // s)
+
+
 def smaller_size(cfg, size, target: float) -> tuple[int, int]:
     """The image size, aspect kept, whose token count is the largest not above ``target`` (the original when none
     is smaller; the fewest tokens the pinpoints allow when ``target`` is below them). Each pinpoint is tried at the

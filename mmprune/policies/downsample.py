@@ -215,7 +215,7 @@ def fewer_tiles(model, kwargs: dict, budget, mode: str = "bicubic"):
     ``budget`` (``mmprune.adapters.llava_tiles``): ``(new kwargs, original per-sample visual counts)``, or None
     without images. The smallest grid pinpoint bounds how few tokens an image can get (llava-v1.6: 1176 of a
     square image's 2928, 40%); below that, the image gets that grid. Reads ``image_sizes`` on the host."""
-    from ..adapters.llava_tiles import anyres_tokens, retile, smaller_size
+    from ..adapters.llava_tiles import anyres_tokens, retile, smaller_size, tile_count
 
     pv, sizes = kwargs.get("pixel_values"), kwargs.get("image_sizes")
     if pv is None or sizes is None or kwargs.get("input_ids") is None or pv.dim() != 5:
@@ -224,7 +224,7 @@ def fewer_tiles(model, kwargs: dict, budget, mode: str = "bicubic"):
     old = [tuple(int(v) for v in hw) for hw in sizes.tolist()]  # a read: the images' sizes
     counts = [anyres_tokens(cfg, hw) for hw in old]
     new_sizes = [smaller_size(cfg, hw, budget * n if isinstance(budget, float) else budget) for hw, n in zip(old, counts)]
-    tiles = [retile(cfg, pv[i], hw, nhw, mode) if nhw != hw else pv[i, : 1 + _grid_tiles(cfg, hw)]
+    tiles = [retile(cfg, pv[i], hw, nhw, mode) if nhw != hw else pv[i, : tile_count(cfg, hw)]
              for i, (hw, nhw) in enumerate(zip(old, new_sizes))]
     width = max(t.shape[0] for t in tiles)
     new = dict(kwargs)
@@ -235,12 +235,6 @@ def fewer_tiles(model, kwargs: dict, budget, mode: str = "bicubic"):
     new["input_ids"], new["attention_mask"], originals = _shrink_runs(model, kwargs, {"image": token}, {"image": runs})
     new.pop("position_ids", None)
     return new, originals
-
-
-def _grid_tiles(cfg, size) -> int:
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    return image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size) - 1
 
 
 def _install_rewrite(engine, rewrite) -> None:
