@@ -75,11 +75,10 @@ where), except where a paper's code merges otherwise (VisionZip's contextual tok
 
 def render() -> str:
     sys.path.insert(0, str(OUT.parents[1]))
-    from mmprune.cli import _policies_markdown
+    from mmprune.cli import _code_ref, _policies_markdown
     from mmprune.policies import get_policy, policies
 
-    parts = [HEAD,
-             _policies_markdown(), "\n\n", CUSTOM]
+    parts = [HEAD, _policies_markdown(), "\n\n", CUSTOM]
     for name in policies():
         cls = get_policy(name)
         facts = [f"default stage: {cls.where}", "count: " + ("adaptive" if cls.adaptive else "fixed"),
@@ -89,9 +88,11 @@ def render() -> str:
             facts.append("options: " + ", ".join(f"`{k}={v!r}`" for k, v in opts.items()))
         if cls.paper_url:
             facts.append(f"paper: [{cls.paper}]({cls.paper_url})")
-        facts.append(f"official code: [{cls.code_url.split('/')[3]}/{cls.code_url.split('/')[4]} at "
-                     f"{cls.code_url.rsplit('/', 1)[1][:7]}]({cls.code_url})" if cls.code_url
-                     else "official code: none compared (see below)" if cls.paper_url else "official code: -")
+        if cls.code_url:
+            repo, sha = _code_ref(cls.code_url)
+            facts.append(f"official code: [{repo} at {sha}]({cls.code_url})")
+        else:
+            facts.append("official code: none compared (see below)" if cls.paper_url else "official code: -")
         doc = inspect.getdoc(cls) or ""
         parts.append(f"\n## `{name}`\n\n" + "; ".join(facts) + f". Class `{cls.__module__}.{cls.__qualname__}`.\n\n"
                      + doc.replace("Example:\n", "Example:\n\n") + "\n")
@@ -103,14 +104,7 @@ def readme_with_table() -> str:
     from mmprune.cli import _policies_markdown
 
     head, rest = README.read_text().split(START, 1)
-    rows = []
-    for line in _policies_markdown().split("\n"):
-        if line.startswith("| `"):
-            name = line.split("`")[1]
-            anchor = "".join(c for c in name if c.isalnum() or c in "_-")
-            line = line.replace(f"| `{name}` |", f"| [`{name}`](docs/policies.md#{anchor}) |", 1)
-        rows.append(line)
-    return head + START + "\n" + "\n".join(rows) + "\n" + END + rest.split(END, 1)[1]
+    return head + START + "\n" + _policies_markdown("docs/policies.md") + "\n" + END + rest.split(END, 1)[1]
 
 
 if __name__ == "__main__":

@@ -27,9 +27,16 @@ def _policies_table() -> str:
     return "\n".join(lines)
 
 
-def _policies_markdown() -> str:
+def _code_ref(url: str) -> tuple[str, str]:
+    """``https://github.com/OWNER/NAME/tree/SHA`` -> ``("OWNER/NAME", short sha)``."""
+    parts = url.split("/")
+    return f"{parts[3]}/{parts[4]}", parts[-1][:7]
+
+
+def _policies_markdown(docs: str | None = None) -> str:
     """The README's policy table: one row per registered policy, links to its paper and to the official code
-    its default is proven against (``tests/test_faithful.py``)."""
+    its default is proven against (``tests/test_faithful.py``); with ``docs`` (a page), each name links to its
+    section there."""
     from .policies import get_policy, policies
 
     def link(text, url):
@@ -38,9 +45,14 @@ def _policies_markdown() -> str:
     lines = ["| policy | method | default stage | count | paper | official code |", "|---|---|---|---|---|---|"]
     for name in policies():
         cls = get_policy(name)
-        code = link(cls.code_url.split("/")[4] + "@" + cls.code_url.rsplit("/", 1)[1][:7], cls.code_url) \
-            if cls.code_url else "-"
-        lines.append(f"| `{name}` | {cls.summary} | {cls.where} | {'adaptive' if cls.adaptive else 'fixed'} | "
+        anchor = "".join(c for c in name if c.isalnum() or c in "_-")  # GitHub's heading anchor of `name`
+        label = link(f"`{name}`", docs and f"{docs}#{anchor}")
+        if cls.code_url:
+            repo, sha = _code_ref(cls.code_url)
+            code = link(f"{repo.split('/')[1]}@{sha}", cls.code_url)
+        else:
+            code = "-"
+        lines.append(f"| {label} | {cls.summary} | {cls.where} | {'adaptive' if cls.adaptive else 'fixed'} | "
                      f"{link(cls.paper, cls.paper_url) if cls.paper else '-'} | {code} |")
     return "\n".join(lines)
 

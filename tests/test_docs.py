@@ -67,8 +67,8 @@ def test_policy_metadata_links():
 
 def test_testbed_tables_match_the_recorded_sweep():
     sweep = _load(ROOT / "benchmarks" / "testbed_sweep.py", "testbed_sweep")
-    runs = sweep.runs_from_record(json.loads((ROOT / "benchmarks/results/testbed_sweep.json").read_text()))
     record = json.loads((ROOT / "benchmarks/results/testbed_sweep.json").read_text())
+    runs = sweep.runs_from_record(record)
 
     def between(text, start, end):
         return text.split(start, 1)[1].split(end, 1)[0].strip()
